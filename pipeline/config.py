@@ -1,0 +1,96 @@
+"""Options of the embedding job, declared once and passed down to every stage.
+
+The dataclass is plain data (picklable, hashable) so that Beam can ship it to
+workers and so that a worker-wide model cache can be keyed on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+EMBEDDING_DIM = 2048
+POOLINGS = ("avg", "max")
+RESIZE_MODES = ("squash", "center-crop")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: bigger than any camera, smaller than a bomb
+
+# md5 that Keras itself checks for resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5;
+# it identifies the ImageNet weights without reading (or importing) anything.
+IMAGENET_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that determines the vector an image gets.
+
+    Two runs with equal `ModelConfig` (and equal weights bytes) produce identical
+    embeddings; `fingerprint()` names that identity.
+    """
+
+    image_size: int = 224
+    pooling: str = "avg"
+    weights: str = "imagenet"  # "imagenet", "random" or a path to a weights file
+    seed: int = 0  # only used by weights="random"
+    resize: str = "squash"
+    precision: str = "fp32"
+    jit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 (ResNet50 downsamples 32x); got {self.image_size}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+
+    def weights_id(self) -> str:
+        """A stable name for the weights, computed without TensorFlow."""
+        if self.weights == "imagenet":
+            return f"imagenet-md5:{IMAGENET_NOTOP_MD5}"
+        if self.weights == "random":
+            return f"random-seed:{self.seed}"
+        return f"sha256:{file_sha256(self.weights)[:16]}"
+
+    def fingerprint(self) -> str:
+        """Identity of the model: vectors with different fingerprints never mix."""
+        return (
+            f"resnet50-notop/{self.pooling}/{self.image_size}x{self.image_size}/{self.resize}"
+            f"/caffe-bgr/{self.precision}/{self.weights_id()}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """Options of `embedpipe embed` that are not Beam pipeline options."""
+
+    input: str
+    output: str
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 256 * 1024 * 1024
+    draft: bool = True
+    thumbnails: bool = False
+    intra_op_threads: int = 0  # 0: TensorFlow decides
+    progress_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1; got {self.max_pixels}")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local or Beam-filesystem file, streamed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,217 @@
+"""EmbedImages: DecodedImage -> embedding rows, batched on a model loaded once per process.
+
+The model lives in a process-wide `shared.Shared` cache: every DoFn instance in
+a worker process (Beam makes several: one per bundle processor, per stage)
+gets the same model, built on first use. Batches always have the compiled
+shape (partial batches are padded), and inference of one batch runs on a
+background thread while the bundle thread keeps reading and decoding the next,
+so the model does not wait on Pillow.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import logging
+import os
+import threading
+import time
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
+from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline import reasons, records
+from pipeline.config import ModelConfig
+from pipeline.records import DecodedImage
+
+log = logging.getLogger(__name__)
+
+_MODELS = shared.Shared()
+
+
+class _ModelHolder:
+    """Weak-referenceable box for the compiled model (what `shared.Shared` caches)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        # Metrics only count inside a bundle, so the build is reported by the
+        # first bundle that uses this model (once per process).
+        self.load_reported = False
+
+
+def load_model(cfg: ModelConfig, batch_size: int, *, intra_op_threads: int = 0, require_gpu: bool = False):
+    """The compiled model for this process, built on first use and cached."""
+    from pipeline.model import CompiledModel, configure_tensorflow
+
+    def build():
+        start = time.perf_counter()
+        configure_tensorflow(intra_op_threads=intra_op_threads, require_gpu=require_gpu)
+        holder = _ModelHolder(CompiledModel(cfg, batch_size))
+        log.info(
+            "embedpipe: model %s (batch %d) built in %.1fs in process %d",
+            cfg.fingerprint(),
+            batch_size,
+            time.perf_counter() - start,
+            os.getpid(),
+        )
+        return holder
+
+    tag = f"{cfg.fingerprint()}|{batch_size}|{intra_op_threads}"
+    return _MODELS.acquire(build, tag=tag)
+
+
+class _Progress:
+    """Logs images done and img/s for this process at most every `every` seconds."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                self.last = now
+                rate = self.done / (now - self.start)
+                log.warning(
+                    "embedpipe progress: %d images embedded by process %d, %.1f img/s", self.done, os.getpid(), rate
+                )
+
+
+class _EmbedFn(beam.DoFn):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        batch_size: int,
+        embedded_at: datetime.datetime,
+        intra_op_threads: int = 0,
+        require_gpu: bool = False,
+        prefetch: bool = True,
+        progress_seconds: float = 10.0,
+    ) -> None:
+        self._cfg = cfg
+        self._batch_size = batch_size
+        self._embedded_at = embedded_at
+        self._threads = intra_op_threads
+        self._require_gpu = require_gpu
+        self._prefetch = prefetch
+        self._progress_seconds = progress_seconds
+        self._embedded = Metrics.counter("embedpipe", "images_embedded")
+        self._failed = Metrics.counter("embedpipe", "images_failed_embed")
+        self._batch_ms = Metrics.distribution("embedpipe", "batch_inference_ms")
+
+    def setup(self) -> None:
+        self._holder = load_model(
+            self._cfg, self._batch_size, intra_op_threads=self._threads, require_gpu=self._require_gpu
+        )
+        self._fingerprint = self._cfg.fingerprint()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-infer")
+        self._progress = _Progress(self._progress_seconds)
+
+    def start_bundle(self) -> None:
+        if not self._holder.load_reported:
+            self._holder.load_reported = True
+            Metrics.counter("embedpipe", "model_loads").inc()
+        self._buffer: list[DecodedImage] = []
+        self._pending: concurrent.futures.Future | None = None
+
+    def _infer(self, batch: list[DecodedImage]) -> list:
+        start = time.perf_counter()
+        try:
+            vectors = self._holder.model(np.stack([im.pixels for im in batch]))
+        except Exception as exc:  # one bad batch becomes error rows, not a failed job
+            log.exception("inference failed on a batch of %d", len(batch))
+            self._failed.inc(len(batch))
+            return [
+                beam.pvalue.TaggedOutput(
+                    "errors",
+                    records.error_row(
+                        im.id, im.uri, "embed", reasons.EMBED_ERROR, f"{type(exc).__name__}: {exc}", im.content_sha256
+                    ),
+                )
+                for im in batch
+            ]
+        self._batch_ms.update(int((time.perf_counter() - start) * 1000))
+        self._embedded.inc(len(batch))
+        self._progress.add(len(batch))
+        return [
+            records.embedding_row(im, vec, self._fingerprint, self._embedded_at)
+            for im, vec in zip(batch, vectors, strict=True)
+        ]
+
+    def _collect(self) -> list:
+        if self._pending is None:
+            return []
+        out, self._pending = self._pending.result(), None
+        return out
+
+    def _submit(self) -> list:
+        """Start inference on the buffer; return outputs of the batch before it."""
+        batch, self._buffer = self._buffer, []
+        if not self._prefetch:
+            return self._infer(batch)
+        done = self._collect()
+        self._pending = self._executor.submit(self._infer, batch)
+        return done
+
+    def process(self, image: DecodedImage):
+        self._buffer.append(image)
+        if len(self._buffer) >= self._batch_size:
+            yield from self._submit()
+
+    def finish_bundle(self):
+        out = self._submit() if self._buffer else []
+        out += self._collect()
+        for row in out:
+            if isinstance(row, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(row.tag, WindowedValue(row.value, 0, [window.GlobalWindow()]))
+            else:
+                yield WindowedValue(row, 0, [window.GlobalWindow()])
+
+    def teardown(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
+class EmbedImages(beam.PTransform):
+    """DecodedImage -> embedding rows (main) and error rows ("errors").
+
+    Expects the global window (batch pipelines): rows of the last partial batch
+    are emitted from finish_bundle.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        batch_size: int,
+        embedded_at: datetime.datetime,
+        intra_op_threads: int = 0,
+        require_gpu: bool = False,
+        prefetch: bool = True,
+        progress_seconds: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self._fn = _EmbedFn(
+            cfg,
+            batch_size=batch_size,
+            embedded_at=embedded_at,
+            intra_op_threads=intra_op_threads,
+            require_gpu=require_gpu,
+            prefetch=prefetch,
+            progress_seconds=progress_seconds,
+        )
+
+    def expand(self, images):
+        return images | "Embed" >> beam.ParDo(self._fn).with_outputs("errors", main="embeddings")

@@ -1,0 +1,131 @@
+"""Image decoding without Beam: bytes -> fixed-size uint8 RGB pixels, or DecodeError with a reason.
+
+Decoding rules (documented in README "Decoding"):
+- EXIF orientation is applied; width/height are the oriented original size.
+- Alpha (RGBA, LA, palette with transparency) is composited over white.
+- 16-bit images are scaled to 8 bits (not clipped); CMYK and YCbCr convert to RGB.
+- Animated images use their first frame.
+- JPEGs are decoded at reduced DCT scale ("draft") when the image is at least twice
+  the target size, which roughly halves decode time at no visible cost.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline import reasons
+
+THUMBNAIL_SIZE = 128
+_WHITE = (255, 255, 255)
+
+
+class DecodeError(Exception):
+    """An image that cannot be embedded; `reason` is one of the codes in records."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not fail an otherwise good image
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        # 16-bit samples are 0..65535; scale instead of clipping at 255.
+        arr = np.clip(arr, 0, 65535) // 257 if arr.max(initial=0) > 255 else np.clip(arr, 0, 255)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
+    w, h = img.size
+    if mode == "center-crop":
+        # Scale the short side to `size`, then cut the middle square.
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    if (w, h) == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    size: int,
+    resize: str = "squash",
+    max_pixels: int,
+    draft: bool = True,
+    thumbnail: bool = False,
+) -> tuple[np.ndarray, int, int, bytes | None]:
+    """Decode one image to (pixels uint8 SxSx3, width, height, thumbnail JPEG or None).
+
+    Raises DecodeError with a reason code for anything that cannot be embedded.
+    """
+    if not data:
+        raise DecodeError(reasons.EMPTY_FILE, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    reasons.TOO_MANY_PIXELS,
+                    f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (--max-pixels)",
+                )
+            width, height = _oriented_size(img)
+            if draft and img.format == "JPEG":
+                # DCT scaling: decode straight to the smallest scale that still
+                # covers twice the target, then resample with reducing_gap.
+                img.draft("RGB", (2 * size, 2 * size))
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            img.load()
+    except DecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise DecodeError(reasons.NOT_AN_IMAGE, f"{type(exc).__name__}: not a recognised image format") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(reasons.TOO_MANY_PIXELS, f"{type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        reason = reasons.TRUNCATED if "truncated" in str(exc).lower() else reasons.DECODE_ERROR
+        raise DecodeError(reason, f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # any other decoder failure is this image's problem, not the run's
+        raise DecodeError(reasons.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
+    thumb = None
+    if thumbnail:
+        small = img.copy()
+        small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=80)
+        thumb = buf.getvalue()
+    pixels = np.asarray(_resize(img, size, resize), dtype=np.uint8)
+    return pixels, width, height, thumb

@@ -1,0 +1,230 @@
+"""The embedding job: build the Beam pipeline, run it, validate and publish its output.
+
+Output layout (any Beam filesystem):
+    OUTPUT/embeddings/part-*.parquet
+    OUTPUT/errors/part-*.parquet
+    OUTPUT/manifest.json          written last: its presence means the output is whole
+The pipeline writes into OUTPUT/_staging-<token>/; only after the counts check
+out are the files moved into place and the manifest written.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import os
+import time
+import uuid
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipeline.config import EmbedConfig
+from pipeline.decode import DecodeImages
+from pipeline.embed import EmbedImages
+from pipeline.read import ReadImages
+from pipeline.records import embeddings_schema
+from pipeline.write import WriteEmbeddings, WriteErrors
+
+log = logging.getLogger(__name__)
+
+LOCAL_RUNNER = "FnApiRunner"
+
+
+class CountsMismatchError(RuntimeError):
+    """The output does not account for every input image."""
+
+
+def pipeline_options(beam_args: list[str], *, workers: int = 1) -> PipelineOptions:
+    """Beam options from pass-through args, with an offline-safe local default.
+
+    Without --runner we use the FnApiRunner directly: DirectRunner would first try
+    the Prism runner, which downloads a binary from the internet.
+    """
+    options = PipelineOptions(beam_args)
+    std = options.view_as(StandardOptions)
+    if not std.runner:
+        std.runner = LOCAL_RUNNER
+    direct = options.view_as(DirectOptions)
+    if workers > 1 and std.runner in (LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner"):
+        direct.direct_num_workers = workers
+        direct.direct_running_mode = "multi_processing"
+    return options
+
+
+def utc_now() -> datetime.datetime:
+    """The run's timestamp (microseconds, UTC): one value stamped on every row of a run."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.replace(microsecond=now.microsecond)
+
+
+def build_embed_pipeline(
+    cfg: EmbedConfig,
+    options: PipelineOptions,
+    *,
+    embeddings_dir: str,
+    errors_dir: str,
+    embedded_at: datetime.datetime,
+    require_gpu: bool = False,
+) -> beam.Pipeline:
+    """The pipeline (not yet run): read -> decode -> embed -> Parquet, with every error kept."""
+    p = beam.Pipeline(options=options)
+    read = p | "ReadImages" >> ReadImages(cfg.input, max_bytes=cfg.max_bytes)
+    decoded = read["images"] | "DecodeImages" >> DecodeImages(
+        size=cfg.model.image_size,
+        resize=cfg.model.resize,
+        max_pixels=cfg.max_pixels,
+        draft=cfg.draft,
+        thumbnails=cfg.thumbnails,
+    )
+    embedded = decoded.decoded | "EmbedImages" >> EmbedImages(
+        cfg.model,
+        batch_size=cfg.batch_size,
+        embedded_at=embedded_at,
+        intra_op_threads=cfg.intra_op_threads,
+        require_gpu=require_gpu,
+        progress_seconds=cfg.progress_seconds,
+    )
+    schema = embeddings_schema(thumbnails=cfg.thumbnails)
+    _ = embedded.embeddings | "WriteEmbeddings" >> WriteEmbeddings(embeddings_dir, schema)
+    errors = (read["errors"], decoded.errors, embedded.errors) | "AllErrors" >> beam.Flatten()
+    _ = errors | "WriteErrors" >> WriteErrors(errors_dir)
+    return p
+
+
+def parquet_files(directory: str) -> list[str]:
+    """Sorted Parquet files directly under a directory (any Beam filesystem)."""
+    pattern = f"{directory.rstrip('/')}/*.parquet"
+    try:
+        found = FileSystems.match([pattern])[0].metadata_list
+    except Exception:  # Beam raises when nothing matches on some filesystems
+        return []
+    return sorted(m.path for m in found)
+
+
+def count_rows(directory: str) -> int:
+    """Rows in all Parquet files of a directory, from the footers only."""
+    total = 0
+    for path in parquet_files(directory):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def error_reasons(directory: str) -> dict[str, int]:
+    """error code -> count over errors/*.parquet."""
+    counts: collections.Counter = collections.Counter()
+    for path in parquet_files(directory):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            counts.update(pq.read_table(handle, columns=["error"]).column("error").to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def _counter(result, name: str) -> int | None:
+    found = result.metrics().query(MetricsFilter().with_namespace("embedpipe").with_name(name))["counters"]
+    if not found:
+        return None
+    values = [c.committed if c.committed is not None else c.attempted for c in found]
+    return int(sum(v for v in values if v is not None))
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write JSON to a temp name beside `path`, then rename it into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(tmp) as out:
+        out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def _mkdirs(path: str) -> None:
+    try:
+        FileSystems.mkdirs(path)
+    except OSError:
+        pass  # exists (local) / not needed (object stores)
+    except Exception as exc:  # Beam wraps "already exists" in BeamIOError
+        if "exist" not in str(exc).lower():
+            raise
+
+
+def _move_dir(src: str, dst: str) -> None:
+    """Replace the Parquet files of dst with those of src."""
+    old = parquet_files(dst)
+    if old:
+        FileSystems.delete(old)
+    _mkdirs(dst)
+    files = parquet_files(src)
+    if files:
+        FileSystems.rename(files, [f"{dst.rstrip('/')}/{os.path.basename(f)}" for f in files])
+
+
+def run_embed(
+    cfg: EmbedConfig,
+    beam_args: list[str] | None = None,
+    *,
+    workers: int = 1,
+    require_gpu: bool = False,
+) -> dict:
+    """Run the embedding job to completion and return its manifest (also written to OUTPUT)."""
+    options = pipeline_options(list(beam_args or []), workers=workers)
+    out = cfg.output.rstrip("/")
+    staging = f"{out}/_staging-{uuid.uuid4().hex[:12]}"
+    embedded_at = utc_now()
+    fingerprint = cfg.model.fingerprint()
+    start = time.perf_counter()
+    p = build_embed_pipeline(
+        cfg,
+        options,
+        embeddings_dir=f"{staging}/embeddings",
+        errors_dir=f"{staging}/errors",
+        embedded_at=embedded_at,
+        require_gpu=require_gpu,
+    )
+    log.info("embedpipe: running on %s (%d worker process(es))", options.view_as(StandardOptions).runner, workers)
+    result = p.run()
+    result.wait_until_finish()
+    wall = time.perf_counter() - start
+
+    embedded = count_rows(f"{staging}/embeddings")
+    reasons = error_reasons(f"{staging}/errors")
+    failed = sum(reasons.values())
+    seen = _counter(result, "images_seen")
+    manifest = {
+        "input": cfg.input,
+        "output": out,
+        "model": fingerprint,
+        "model_config": {
+            "image_size": cfg.model.image_size,
+            "pooling": cfg.model.pooling,
+            "weights": cfg.model.weights,
+            "resize": cfg.model.resize,
+            "precision": cfg.model.precision,
+        },
+        "embedding_dim": 2048,
+        "embedded_at": embedded_at.isoformat(),
+        "counts": {"seen": seen, "embedded": embedded, "reused": 0, "failed": failed},
+        "failed_by_reason": reasons,
+        "model_loads": _counter(result, "model_loads"),
+        "runner": options.view_as(StandardOptions).runner,
+        "workers": workers,
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(embedded / wall, 3) if wall > 0 else None,
+    }
+    if seen is not None and seen != embedded + failed:
+        raise CountsMismatchError(
+            f"counts do not add up: seen {seen} != embedded {embedded} + failed {failed}; "
+            f"staged output left at {staging} for inspection, nothing published"
+        )
+    if FileSystems.exists(f"{out}/manifest.json"):
+        FileSystems.delete([f"{out}/manifest.json"])  # the output is in flux until it is back
+    _move_dir(f"{staging}/embeddings", f"{out}/embeddings")
+    _move_dir(f"{staging}/errors", f"{out}/errors")
+    FileSystems.delete([staging])
+    write_json_atomic(f"{out}/manifest.json", manifest)
+    return manifest

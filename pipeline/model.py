@@ -1,0 +1,160 @@
+"""The headless ResNet50: built once per worker process, called on fixed-shape uint8 batches.
+
+Preprocessing (uint8 RGB -> float, RGB->BGR, ImageNet mean subtraction, the
+"caffe" mode Keras' ResNet50 was trained with) runs inside the graph, so 4x fewer
+bytes cross to the accelerator and no caller can forget it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested weights cannot be loaded (offline, missing file, wrong file)."""
+
+
+def configure_tensorflow(*, intra_op_threads: int = 0, require_gpu: bool = False) -> None:
+    """Thread and device settings that must happen before TensorFlow's runtime starts."""
+    import tensorflow as tf
+
+    if intra_op_threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        except RuntimeError:  # runtime already initialised in this process: keep what it has
+            log.debug("TensorFlow already initialised; intra-op threads unchanged")
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            # Without growth TF grabs the whole card at start-up.
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            log.debug("GPU %s already initialised; memory growth unchanged", gpu.name)
+    if require_gpu and not gpus:
+        raise RuntimeError(
+            "--require-gpu was given but TensorFlow sees no GPU on this worker "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+            "Check the Dataflow worker_accelerator option, the install-nvidia-driver "
+            "service option and that the container has the CUDA build of TensorFlow."
+        )
+
+
+def _local_weights_path(weights: str) -> str:
+    """A local copy of a weights file given as any Beam filesystem path."""
+    if os.path.exists(weights):
+        return weights
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        exists = FileSystems.exists(weights)
+    except Exception as exc:  # unknown scheme, missing credentials, ...
+        raise WeightsUnavailableError(f"cannot access weights file {weights!r}: {exc}") from exc
+    if not exists:
+        raise WeightsUnavailableError(
+            f"weights file {weights!r} does not exist. --weights takes 'imagenet', 'random' "
+            "or the path of a Keras weights file of the headless ResNet50 "
+            "(a .weights.h5 from model.save_weights, or Keras' *_notop.h5)."
+        )
+    suffix = ".weights.h5" if weights.endswith(".weights.h5") else os.path.splitext(weights)[1]
+    fd, local = tempfile.mkstemp(suffix=suffix, prefix="embedpipe-weights-")
+    with os.fdopen(fd, "wb") as out, FileSystems.open(weights) as src:
+        for chunk in iter(lambda: src.read(1 << 22), b""):
+            out.write(chunk)
+    return local
+
+
+def build_trunk(cfg: ModelConfig) -> Any:
+    """keras.applications.ResNet50 without its classifier, with the configured weights."""
+    import keras
+
+    shape = (cfg.image_size, cfg.image_size, 3)
+    kwargs = dict(include_top=False, pooling=cfg.pooling, input_shape=shape)
+    if cfg.weights == "random":
+        keras.utils.set_random_seed(cfg.seed)
+        return keras.applications.ResNet50(weights=None, **kwargs)
+    if cfg.weights == "imagenet":
+        try:
+            return keras.applications.ResNet50(weights="imagenet", **kwargs)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                "could not load the ImageNet weights for ResNet50 "
+                f"({type(exc).__name__}: {exc}). Keras downloads them once into "
+                "~/.keras/models/; this machine could not. Alternatives: "
+                "--weights PATH (a copy of resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 "
+                "or a .weights.h5 of the headless model), build the worker image with "
+                "BAKE_IMAGENET_WEIGHTS=1, or --weights random for tests only."
+            ) from exc
+    path = _local_weights_path(cfg.weights)
+    model = keras.applications.ResNet50(weights=None, **kwargs)
+    try:
+        model.load_weights(path)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"weights file {cfg.weights!r} does not fit the headless ResNet50 ({type(exc).__name__}: {exc})"
+        ) from exc
+    return model
+
+
+def build_model(cfg: ModelConfig) -> Any:
+    """uint8 RGB (N, S, S, 3) -> float32 (N, 2048), preprocessing inside the graph."""
+    import keras
+    from keras.applications.resnet50 import preprocess_input
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(_POLICIES[cfg.precision])
+    try:
+        trunk = build_trunk(cfg)
+        pixels = keras.Input(shape=(cfg.image_size, cfg.image_size, 3), dtype="uint8", name="pixels")
+        x = keras.layers.Lambda(lambda t: preprocess_input(keras.ops.cast(t, "float32")), name="caffe_preprocess")(
+            pixels
+        )
+        features = trunk(x)
+        features = keras.layers.Activation("linear", dtype="float32", name="to_float32")(features)
+        return keras.Model(pixels, features, name="resnet50_notop_uint8")
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class CompiledModel:
+    """A model plus a traced inference function of one fixed batch shape.
+
+    Every call has the same shape (partial batches are padded), so the graph is
+    traced once; results come back to numpy in one transfer per batch.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int) -> None:
+        import tensorflow as tf
+
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.keras_model = build_model(cfg)
+        spec = tf.TensorSpec((batch_size, cfg.image_size, cfg.image_size, 3), tf.uint8)
+        model = self.keras_model
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], jit_compile=cfg.jit)
+        self.traces = 0
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed up to `batch_size` images (uint8, N x S x S x 3) -> float32 (N, 2048)."""
+        n = pixels.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} exceeds the compiled batch size {self.batch_size}")
+        if n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=np.uint8)
+            pixels = np.concatenate([pixels, pad])
+        out = self._fn(pixels).numpy()
+        return np.ascontiguousarray(out[:n], dtype=np.float32)
+
+    def trace_count(self) -> int:
+        """How many graphs were traced (1 when shapes were kept fixed)."""
+        return self._fn.experimental_get_tracing_count()

@@ -1,0 +1,13 @@
+"""Error reason codes: the `error` column of errors/*.parquet."""
+
+# Short, stable codes to group and alert on.
+# The exception type and its text go into `message`.
+EMPTY_FILE = "empty_file"
+TOO_LARGE = "too_large"
+TOO_MANY_PIXELS = "too_many_pixels"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated_image"
+DECODE_ERROR = "decode_error"
+UNREADABLE = "unreadable"
+EMBED_ERROR = "embed_error"
+DUPLICATE_ID = "duplicate_id"

@@ -1,0 +1,97 @@
+"""The records that flow between stages, and the Parquet schemas they end up in."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import EMBEDDING_DIM
+
+
+@dataclasses.dataclass
+class SourceImage:
+    """Raw bytes of one image as read from the corpus."""
+
+    id: str
+    uri: str
+    data: bytes
+    meta: str | None = None
+
+
+@dataclasses.dataclass
+class DecodedImage:
+    """One image decoded and resized to the model's input."""
+
+    id: str
+    uri: str
+    pixels: np.ndarray  # uint8 (S, S, 3) RGB
+    content_sha256: str
+    width: int  # original pixels, after EXIF orientation
+    height: int
+    meta: str | None = None
+    thumbnail: bytes | None = None
+
+
+def embeddings_schema(dim: int = EMBEDDING_DIM, *, thumbnails: bool = False, meta: bool = False) -> pa.Schema:
+    """Schema of embeddings/*.parquet (optional columns only when asked for)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("content_sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("embedded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+    if meta:
+        fields.append(pa.field("meta", pa.string()))
+    if thumbnails:
+        fields.append(pa.field("thumbnail", pa.binary()))
+    return pa.schema(fields)
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read / decode / embed
+        pa.field("error", pa.string(), nullable=False),  # one of the reason codes above
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("content_sha256", pa.string()),
+    ]
+)
+
+
+def error_row(id: str, uri: str, stage: str, error: str, message: str, content_sha256: str | None = None) -> dict:
+    """One row of errors/*.parquet."""
+    return {
+        "id": id,
+        "uri": uri,
+        "stage": stage,
+        "error": error,
+        "message": message[:2000],
+        "content_sha256": content_sha256,
+    }
+
+
+def embedding_row(image: DecodedImage, vector: np.ndarray, model: str, embedded_at: datetime.datetime) -> dict:
+    """One row of embeddings/*.parquet."""
+    row = {
+        "id": image.id,
+        "uri": image.uri,
+        "embedding": vector,
+        "content_sha256": image.content_sha256,
+        "width": image.width,
+        "height": image.height,
+        "model": model,
+        "embedded_at": embedded_at,
+    }
+    if image.meta is not None:
+        row["meta"] = image.meta
+    if image.thumbnail is not None:
+        row["thumbnail"] = image.thumbnail
+    return row
