@@ -59,8 +59,7 @@ def pipeline_options(beam_args: list[str], *, workers: int = 1) -> PipelineOptio
 
 def utc_now() -> datetime.datetime:
     """The run's timestamp (microseconds, UTC): one value stamped on every row of a run."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.replace(microsecond=now.microsecond)
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def build_embed_pipeline(
@@ -203,10 +202,12 @@ def run_embed(
             "image_size": cfg.model.image_size,
             "pooling": cfg.model.pooling,
             "weights": cfg.model.weights,
+            "seed": cfg.model.seed,
             "resize": cfg.model.resize,
             "precision": cfg.model.precision,
         },
         "embedding_dim": 2048,
+        "thumbnails": cfg.thumbnails,
         "embedded_at": embedded_at.isoformat(),
         "counts": {"seen": seen, "embedded": embedded, "reused": 0, "failed": failed},
         "failed_by_reason": reasons,
