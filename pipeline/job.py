@@ -34,6 +34,7 @@ from pipeline.write import WriteEmbeddings, WriteErrors
 log = logging.getLogger(__name__)
 
 LOCAL_RUNNER = "FnApiRunner"
+LOCAL_RUNNERS = (LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner")
 
 
 class CountsMismatchError(RuntimeError):
@@ -51,7 +52,7 @@ def pipeline_options(beam_args: list[str], *, workers: int = 1) -> PipelineOptio
     if not std.runner:
         std.runner = LOCAL_RUNNER
     direct = options.view_as(DirectOptions)
-    if workers > 1 and std.runner in (LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner"):
+    if workers > 1 and std.runner in LOCAL_RUNNERS:
         direct.direct_num_workers = workers
         direct.direct_running_mode = "multi_processing"
     return options
@@ -172,6 +173,11 @@ def run_embed(
 ) -> dict:
     """Run the embedding job to completion and return its manifest (also written to OUTPUT)."""
     options = pipeline_options(list(beam_args or []), workers=workers)
+    if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+        # Local workers share this machine's Keras cache: fetch (or fail) once, up front.
+        from pipeline.model import ensure_weights_available
+
+        ensure_weights_available(cfg.model)
     out = cfg.output.rstrip("/")
     staging = f"{out}/_staging-{uuid.uuid4().hex[:12]}"
     embedded_at = utc_now()

@@ -14,9 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ModelConfig
+from pipeline.config import IMAGENET_NOTOP_MD5, ModelConfig
 
 log = logging.getLogger(__name__)
+
+IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_NOTOP_FILE
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
@@ -74,6 +77,38 @@ def _local_weights_path(weights: str) -> str:
     return local
 
 
+def ensure_weights_available(cfg: ModelConfig) -> None:
+    """Fail fast, before a job starts, when the weights cannot be had.
+
+    For "imagenet" this fetches the file into Keras' cache (~/.keras/models), which
+    local workers then read; a PATH must exist. Raises WeightsUnavailableError.
+    """
+    if cfg.weights == "random":
+        return
+    if cfg.weights != "imagenet":
+        _local_weights_path(cfg.weights)
+        return
+    import keras
+
+    try:
+        keras.utils.get_file(
+            IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_subdir="models", file_hash=IMAGENET_NOTOP_MD5
+        )
+    except Exception as exc:
+        raise WeightsUnavailableError(_imagenet_message(exc)) from exc
+
+
+def _imagenet_message(exc: Exception) -> str:
+    return (
+        "could not load the ImageNet weights for ResNet50 "
+        f"({type(exc).__name__}: {exc}). Keras downloads them once into "
+        "~/.keras/models/; this machine could not. Alternatives: "
+        "--weights PATH (a copy of resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 "
+        "or a .weights.h5 of the headless model), build the worker image with "
+        "BAKE_IMAGENET_WEIGHTS=1, or --weights random for tests only."
+    )
+
+
 def build_trunk(cfg: ModelConfig) -> Any:
     """keras.applications.ResNet50 without its classifier, with the configured weights."""
     import keras
@@ -87,14 +122,7 @@ def build_trunk(cfg: ModelConfig) -> Any:
         try:
             return keras.applications.ResNet50(weights="imagenet", **kwargs)
         except Exception as exc:
-            raise WeightsUnavailableError(
-                "could not load the ImageNet weights for ResNet50 "
-                f"({type(exc).__name__}: {exc}). Keras downloads them once into "
-                "~/.keras/models/; this machine could not. Alternatives: "
-                "--weights PATH (a copy of resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 "
-                "or a .weights.h5 of the headless model), build the worker image with "
-                "BAKE_IMAGENET_WEIGHTS=1, or --weights random for tests only."
-            ) from exc
+            raise WeightsUnavailableError(_imagenet_message(exc)) from exc
     path = _local_weights_path(cfg.weights)
     model = keras.applications.ResNet50(weights=None, **kwargs)
     try:

@@ -1,0 +1,99 @@
+"""The `embedpipe` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+EMBED_OPTIONS = [
+    "--input", "--output", "--image-size", "--pooling", "--weights", "--seed", "--resize", "--precision",
+    "--batch-size", "--workers", "--max-pixels", "--thumbnails", "--require-gpu",
+]  # fmt: skip
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["embed", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for option in EMBED_OPTIONS:
+        assert option in text, option
+    assert "passed to Beam unchanged" in text
+    assert "squash (default)" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for command in ("embed", "demo"):
+        assert command in top
+
+
+def test_unknown_args_go_to_beam():
+    args, beam_args = build_parser().parse_known_args(
+        ["embed", "--input", "a", "--output", "b", "--runner", "DataflowRunner", "--temp_location=gs://x/tmp"]
+    )
+    assert args.input == "a" and beam_args == ["--runner", "DataflowRunner", "--temp_location=gs://x/tmp"]
+
+
+def test_bad_option_values_are_clear_errors(capsys, tmp_path):
+    code = main(["embed", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--image-size", "16"])
+    assert code == 2
+    assert "image_size must be >= 32" in capsys.readouterr().err
+
+
+def _env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update(KERAS_HOME=str(tmp_path / "keras"), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    return env
+
+
+@pytest.mark.slow
+def test_embed_with_unreachable_imagenet_fails_clearly(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "embed", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "could not load the ImageNet weights" in done.stderr
+    assert "--weights random" in done.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_falls_back_to_random_weights_loudly(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "demo",
+            "--output",
+            str(tmp_path / "demo"),
+            "--count",
+            "5",
+            "--image-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DEMO ONLY" in done.stderr and "RANDOM weights" in done.stderr
+    assert "embedded  5" in done.stdout and "failed    3" in done.stdout
+    with open(tmp_path / "demo" / "out" / "manifest.json") as f:
+        manifest = json.load(f)
+    assert "random-seed:0" in manifest["model"]
+    assert manifest["counts"] == {"seen": 8, "embedded": 5, "reused": 0, "failed": 3}
