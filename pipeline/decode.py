@@ -6,7 +6,6 @@ import hashlib
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from PIL import Image
 
 from pipeline import records
 from pipeline.imaging import DecodeError, decode_image
@@ -17,11 +16,6 @@ class _DecodeFn(beam.DoFn):
     def __init__(self, *, size: int, resize: str, max_pixels: int, draft: bool, thumbnails: bool):
         self._kwargs = dict(size=size, resize=resize, max_pixels=max_pixels, draft=draft, thumbnail=thumbnails)
         self._failed = Metrics.counter("embedpipe", "images_failed_decode")
-
-    def setup(self) -> None:
-        # We enforce our own (configurable) pixel limit before decoding; Pillow's
-        # process-wide default would otherwise refuse some images first.
-        Image.MAX_IMAGE_PIXELS = None
 
     def process(self, image: SourceImage):
         sha = hashlib.sha256(image.data).hexdigest()

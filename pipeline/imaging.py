@@ -20,6 +20,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline import reasons
 
 THUMBNAIL_SIZE = 128
+
+# decode_image enforces its own, configurable pixel limit (max_pixels) from the
+# header before decoding anything. Pillow's process-wide guard would otherwise
+# refuse some images first, with a different limit and message.
+Image.MAX_IMAGE_PIXELS = None
 _WHITE = (255, 255, 255)
 
 
@@ -103,7 +108,8 @@ def decode_image(
             if draft and img.format == "JPEG":
                 # DCT scaling: decode straight to the smallest scale that still
                 # covers twice the target, then resample with reducing_gap.
-                img.draft("RGB", (2 * size, 2 * size))
+                target = max(2 * size, THUMBNAIL_SIZE if thumbnail else 0)
+                img.draft("RGB", (target, target))
             if getattr(img, "is_animated", False):
                 img.seek(0)
             img = ImageOps.exif_transpose(img)
