@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 
@@ -36,9 +38,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jit", action="store_true", help="compile the model with XLA")
 
 
-def _add_embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="directory or glob of images (local, gs://, s3://)")
-    p.add_argument("--output", required=True, help="output directory (embeddings/, errors/, manifest.json)")
+def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
+    p.add_argument(
+        "--input",
+        required=True,
+        help="directory, glob or comma-separated list of images or shards (local, gs://, s3://)",
+    )
+    if output:
+        p.add_argument("--output", required=True, help="output directory (embeddings/, errors/, manifest.json)")
     _add_model_args(p)
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default 32)")
@@ -56,6 +63,9 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size (slower)")
     g.add_argument("--thumbnails", action="store_true", help="store a small JPEG thumbnail per image (for `serve`)")
     g.add_argument("--require-gpu", action="store_true", help="fail at worker start-up when no GPU is visible")
+    g.add_argument(
+        "--dry-run", action="store_true", help="print the resolved options and the transform graph; run nothing"
+    )
 
 
 def _embed_config(args: argparse.Namespace) -> EmbedConfig:
@@ -71,7 +81,7 @@ def _embed_config(args: argparse.Namespace) -> EmbedConfig:
     threads = args.threads_per_worker
     return EmbedConfig(
         input=args.input,
-        output=args.output,
+        output=getattr(args, "output", None) or "",
         model=model,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,
@@ -100,11 +110,63 @@ def print_summary(manifest: dict, out=sys.stdout) -> None:
     print(f"  output    {manifest['output']}/embeddings/  (errors/, manifest.json)", file=out)
 
 
-def cmd_embed(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.job import run_embed
+def print_plan(plan: dict, out=sys.stdout) -> None:
+    """What --dry-run shows: resolved options, model, transform graph."""
+    print(
+        json.dumps({k: v for k, v in plan.items() if k != "transforms"}, indent=2, sort_keys=True, default=str),
+        file=out,
+    )
+    print("transforms:", file=out)
+    for line in plan["transforms"]:
+        print(f"  {line}", file=out)
 
-    manifest = run_embed(_embed_config(args), beam_args, workers=args.workers, require_gpu=args.require_gpu)
+
+def cmd_embed(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipeline.job import plan_embed, run_embed
+
+    cfg = _embed_config(args)
+    if args.dry_run:
+        print_plan(plan_embed(cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu))
+        return 0
+    manifest = run_embed(cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu)
     print_summary(manifest)
+    return 0
+
+
+def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipeline.job import plan_embed
+    from pipeline.nightly import NightlyConfig, ValidationError, run_nightly
+
+    cfg = NightlyConfig(
+        root=args.root,
+        embed=_embed_config(args),
+        run_id=args.run_id,
+        full=args.full,
+        keep=args.keep,
+        index=args.index,
+        metric=args.metric,
+        memory_budget=args.memory_budget,
+        recall_floor=args.recall_floor,
+        workers=args.workers,
+        require_gpu=args.require_gpu,
+    )
+    if args.dry_run:
+        embed_cfg = dataclasses.replace(cfg.embed, output=f"{args.root.rstrip('/')}/runs/<run-id>")
+        print_plan(plan_embed(embed_cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu))
+        return 0
+    try:
+        manifest = run_nightly(cfg, beam_args)
+    except ValidationError as exc:
+        print(f"embedpipe nightly: NOT published: {exc}", file=sys.stderr)
+        return 3
+    print_summary(manifest)
+    c = manifest["counts"]
+    print(f"  deleted   {c['deleted']}")
+    print(
+        f"  index     {manifest['index']['index_type']} ntotal={manifest['index']['ntotal']} "
+        f"recall@10={manifest['index']['recall_at_10']}"
+    )
+    print(f"  published {args.root.rstrip('/')}/runs/{manifest['run_id']} (LATEST)")
     return 0
 
 
@@ -135,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed_args(embed)
     embed.set_defaults(func=cmd_embed)
 
+    nightly = sub.add_parser(
+        "nightly",
+        help="one night's incremental re-embedding + index, published atomically under --root",
+        description="Embed --input into ROOT/runs/<run-id>/, reusing the LATEST run's embeddings of unchanged "
+        "images (same id, same sha256, same model), build the index, validate, and only then point ROOT/LATEST "
+        "at the new run. Exit 3 when validation fails (LATEST unchanged). Other options go to Beam.",
+    )
+    _add_embed_args(nightly, output=False)
+    n = nightly.add_argument_group("nightly")
+    n.add_argument("--root", required=True, help="run root (local, gs://, s3://): runs/<run-id>/ and LATEST")
+    n.add_argument("--run-id", default=None, help="run id (default: UTC timestamp, e.g. 20261128T020000Z)")
+    n.add_argument("--full", action="store_true", help="re-embed everything, reuse nothing")
+    n.add_argument("--keep", type=int, default=0, help="after publishing, keep only the newest N runs (0: keep all)")
+    n.add_argument("--index", default="auto", help="index type (auto|flat|ivf-flat|ivf-sq8|ivf-pq|hnsw|factory string)")
+    n.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="index metric (default cosine)")
+    n.add_argument("--memory-budget", default="4GB", help="memory the index may use (default 4GB)")
+    n.add_argument(
+        "--recall-floor", type=float, default=0.9, help="refuse to publish an index below this recall@10 (default 0.9)"
+    )
+    nightly.set_defaults(func=cmd_nightly)
+
     demo = sub.add_parser(
         "demo",
         help="embed a generated sample corpus (no network, no account)",
@@ -162,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.job import CountsMismatchError
     from pipeline.model import WeightsUnavailableError
 
     try:
@@ -169,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsUnavailableError, ValueError) as exc:
         print(f"embedpipe: error: {exc}", file=sys.stderr)
         return 2
+    except CountsMismatchError as exc:
+        print(f"embedpipe: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

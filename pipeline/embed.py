@@ -38,8 +38,6 @@ class _ModelHolder:
 
     def __init__(self, model) -> None:
         self.model = model
-        # Metrics only count inside a bundle, so the build is reported by the
-        # first bundle that uses this model (once per process).
         self.load_reported = False
 
 
@@ -111,57 +109,82 @@ class _EmbedFn(beam.DoFn):
         self._batch_ms = Metrics.distribution("embedpipe", "batch_inference_ms")
 
     def setup(self) -> None:
-        self._holder = load_model(
-            self._cfg, self._batch_size, intra_op_threads=self._threads, require_gpu=self._require_gpu
-        )
+        # The model is built on the first image, not here: a run with nothing to
+        # embed (a quiet night) then never imports TensorFlow. --require-gpu is
+        # the exception: a worker without a GPU must fail at start-up.
+        self._holder = None
+        if self._require_gpu:
+            from pipeline.model import configure_tensorflow
+
+            configure_tensorflow(intra_op_threads=self._threads, require_gpu=True)
         self._fingerprint = self._cfg.fingerprint()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-infer")
         self._progress = _Progress(self._progress_seconds)
 
-    def start_bundle(self) -> None:
+    def _model(self):
+        if self._holder is None:
+            self._holder = load_model(
+                self._cfg, self._batch_size, intra_op_threads=self._threads, require_gpu=self._require_gpu
+            )
         if not self._holder.load_reported:
+            # Metrics only count inside a bundle: the first bundle to use a model
+            # reports its build (once per process).
             self._holder.load_reported = True
             Metrics.counter("embedpipe", "model_loads").inc()
+        return self._holder.model
+
+    def start_bundle(self) -> None:
         self._buffer: list[DecodedImage] = []
         self._pending: concurrent.futures.Future | None = None
 
-    def _infer(self, batch: list[DecodedImage]) -> list:
+    def _infer(self, model, batch: list[DecodedImage]) -> tuple[list, int]:
+        """Runs on the inference thread: (output rows, milliseconds). No metrics here:
+        Beam's metric cells are thread-local to the bundle thread."""
         start = time.perf_counter()
         try:
-            vectors = self._holder.model(np.stack([im.pixels for im in batch]))
+            vectors = model(np.stack([im.pixels for im in batch]))
         except Exception as exc:  # one bad batch becomes error rows, not a failed job
             log.exception("inference failed on a batch of %d", len(batch))
-            self._failed.inc(len(batch))
-            return [
+            message = f"{type(exc).__name__}: {exc}"
+            rows = [
                 beam.pvalue.TaggedOutput(
                     "errors",
-                    records.error_row(
-                        im.id, im.uri, "embed", reasons.EMBED_ERROR, f"{type(exc).__name__}: {exc}", im.content_sha256
-                    ),
+                    records.error_row(im.id, im.uri, "embed", reasons.EMBED_ERROR, message, im.content_sha256),
                 )
                 for im in batch
             ]
-        self._batch_ms.update(int((time.perf_counter() - start) * 1000))
-        self._embedded.inc(len(batch))
-        self._progress.add(len(batch))
-        return [
+            return rows, -1
+        rows = [
             records.embedding_row(im, vec, self._fingerprint, self._embedded_at)
             for im, vec in zip(batch, vectors, strict=True)
         ]
+        return rows, int((time.perf_counter() - start) * 1000)
+
+    def _account(self, result: tuple[list, int]) -> list:
+        """On the bundle thread: update metrics and progress for a finished batch."""
+        rows, ms = result
+        if ms < 0:
+            self._failed.inc(len(rows))
+        else:
+            self._batch_ms.update(ms)
+            self._embedded.inc(len(rows))
+            self._progress.add(len(rows))
+        return rows
 
     def _collect(self) -> list:
         if self._pending is None:
             return []
-        out, self._pending = self._pending.result(), None
-        return out
+        result, self._pending = self._pending.result(), None
+        return self._account(result)
 
     def _submit(self) -> list:
-        """Start inference on the buffer; return outputs of the batch before it."""
+        """Start inference on the buffer; return the outputs of the batch before it."""
         batch, self._buffer = self._buffer, []
+        model = self._model()  # built here, on the bundle thread, on first use
         if not self._prefetch:
-            return self._infer(batch)
+            return self._account(self._infer(model, batch))
         done = self._collect()
-        self._pending = self._executor.submit(self._infer, batch)
+        self._pending = self._executor.submit(self._infer, model, batch)
         return done
 
     def process(self, image: DecodedImage):

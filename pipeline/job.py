@@ -11,6 +11,7 @@ out are the files moved into place and the manifest written.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import json
 import logging
@@ -29,6 +30,7 @@ from pipeline.decode import DecodeImages
 from pipeline.embed import EmbedImages
 from pipeline.read import ReadImages
 from pipeline.records import embeddings_schema
+from pipeline.reuse import ReuseUnchanged
 from pipeline.write import WriteEmbeddings, WriteErrors
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,21 @@ def build_embed_pipeline(
     errors_dir: str,
     embedded_at: datetime.datetime,
     require_gpu: bool = False,
+    previous_files: list[str] | None = None,
 ) -> beam.Pipeline:
-    """The pipeline (not yet run): read -> decode -> embed -> Parquet, with every error kept."""
+    """The pipeline (not yet run): read -> decode -> embed -> Parquet, with every error kept.
+
+    With `previous_files` (a previous run's embeddings made by the same model),
+    unchanged images reuse their rows instead of being decoded and embedded.
+    """
     p = beam.Pipeline(options=options)
+    schema = embeddings_schema(thumbnails=cfg.thumbnails)
     read = p | "ReadImages" >> ReadImages(cfg.input, max_bytes=cfg.max_bytes)
-    decoded = read["images"] | "DecodeImages" >> DecodeImages(
+    images, reused = read["images"], None
+    if previous_files is not None:
+        split = images | "ReuseUnchanged" >> ReuseUnchanged(previous_files, schema.names)
+        images, reused = split["changed"], split["reused"]
+    decoded = images | "DecodeImages" >> DecodeImages(
         size=cfg.model.image_size,
         resize=cfg.model.resize,
         max_pixels=cfg.max_pixels,
@@ -90,11 +102,56 @@ def build_embed_pipeline(
         require_gpu=require_gpu,
         progress_seconds=cfg.progress_seconds,
     )
-    schema = embeddings_schema(thumbnails=cfg.thumbnails)
-    _ = embedded.embeddings | "WriteEmbeddings" >> WriteEmbeddings(embeddings_dir, schema)
+    rows = embedded.embeddings
+    if reused is not None:
+        rows = (rows, reused) | "WithReused" >> beam.Flatten()
+    _ = rows | "WriteEmbeddings" >> WriteEmbeddings(embeddings_dir, schema)
     errors = (read["errors"], decoded.errors, embedded.errors) | "AllErrors" >> beam.Flatten()
     _ = errors | "WriteErrors" >> WriteErrors(errors_dir)
     return p
+
+
+def describe_pipeline(p: beam.Pipeline) -> list[str]:
+    """The transform graph as indented labels (what Dataflow would show), without running it."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    lines: list[str] = []
+
+    class _Visitor(PipelineVisitor):
+        def enter_composite_transform(self, node):
+            if node.full_label:
+                lines.append("  " * node.full_label.count("/") + node.full_label.rsplit("/", 1)[-1])
+
+        def visit_transform(self, node):
+            lines.append("  " * node.full_label.count("/") + node.full_label.rsplit("/", 1)[-1])
+
+    p.visit(_Visitor())
+    return lines
+
+
+def plan_embed(
+    cfg: EmbedConfig, beam_args: list[str] | None = None, *, workers: int = 1, require_gpu: bool = False
+) -> dict:
+    """Resolve options and build (not run) the pipeline: what `--dry-run` prints."""
+    options = pipeline_options(list(beam_args or []), workers=workers)
+    # The graph is built under the local runner: constructing a pipeline for
+    # Dataflow would validate against (and call) Google Cloud.
+    graph_options = PipelineOptions(options.get_all_options(drop_default=True))
+    graph_options.view_as(StandardOptions).runner = LOCAL_RUNNER
+    p = build_embed_pipeline(
+        cfg,
+        graph_options,
+        embeddings_dir=f"{cfg.output.rstrip('/')}/embeddings",
+        errors_dir=f"{cfg.output.rstrip('/')}/errors",
+        embedded_at=utc_now(),
+        require_gpu=require_gpu,
+    )
+    return {
+        "pipeline_options": options.get_all_options(drop_default=True),
+        "model": cfg.model.fingerprint(),
+        "embed_config": dataclasses.asdict(cfg),
+        "transforms": describe_pipeline(p),
+    }
 
 
 def parquet_files(directory: str) -> list[str]:
@@ -138,8 +195,8 @@ def write_json_atomic(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with FileSystems.create(tmp) as out:
         out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
+    # rename replaces the old file in one step (os.rename locally; an object copy
+    # on gs://), so a reader sees the old content or the new, never none.
     FileSystems.rename([tmp], [path])
 
 
@@ -170,10 +227,21 @@ def run_embed(
     *,
     workers: int = 1,
     require_gpu: bool = False,
+    previous_files: list[str] | None = None,
+    preflight: bool = True,
 ) -> dict:
-    """Run the embedding job to completion and return its manifest (also written to OUTPUT)."""
+    """Run the embedding job to completion and return its manifest (also written to OUTPUT).
+
+    Args:
+        cfg: what to embed, where to, with which model.
+        beam_args: Beam pipeline options, passed through unchanged.
+        workers: local worker processes (local runners only).
+        require_gpu: workers fail at start-up without a GPU.
+        previous_files: embeddings files of a previous run by the same model, to reuse.
+        preflight: check the weights in the driver before starting (local runners).
+    """
     options = pipeline_options(list(beam_args or []), workers=workers)
-    if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+    if preflight and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
         # Local workers share this machine's Keras cache: fetch (or fail) once, up front.
         from pipeline.model import ensure_weights_available
 
@@ -190,16 +258,19 @@ def run_embed(
         errors_dir=f"{staging}/errors",
         embedded_at=embedded_at,
         require_gpu=require_gpu,
+        previous_files=previous_files,
     )
     log.info("embedpipe: running on %s (%d worker process(es))", options.view_as(StandardOptions).runner, workers)
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - start
 
-    embedded = count_rows(f"{staging}/embeddings")
+    rows = count_rows(f"{staging}/embeddings")
     reasons = error_reasons(f"{staging}/errors")
     failed = sum(reasons.values())
     seen = _counter(result, "images_seen")
+    reused = _counter(result, "images_reused") or 0
+    embedded = rows - reused
     manifest = {
         "input": cfg.input,
         "output": out,
@@ -215,7 +286,7 @@ def run_embed(
         "embedding_dim": 2048,
         "thumbnails": cfg.thumbnails,
         "embedded_at": embedded_at.isoformat(),
-        "counts": {"seen": seen, "embedded": embedded, "reused": 0, "failed": failed},
+        "counts": {"seen": seen, "embedded": embedded, "reused": reused, "failed": failed},
         "failed_by_reason": reasons,
         "model_loads": _counter(result, "model_loads"),
         "runner": options.view_as(StandardOptions).runner,
@@ -223,9 +294,9 @@ def run_embed(
         "wall_seconds": round(wall, 3),
         "images_per_second": round(embedded / wall, 3) if wall > 0 else None,
     }
-    if seen is not None and seen != embedded + failed:
+    if seen is not None and seen != embedded + reused + failed:
         raise CountsMismatchError(
-            f"counts do not add up: seen {seen} != embedded {embedded} + failed {failed}; "
+            f"counts do not add up: seen {seen} != embedded {embedded} + reused {reused} + failed {failed}; "
             f"staged output left at {staging} for inspection, nothing published"
         )
     if FileSystems.exists(f"{out}/manifest.json"):
