@@ -1,161 +1,424 @@
 """ReadImages: an input spec -> SourceImage records (and read-error rows).
 
-Files are listed and read through Beam's `FileSystems`, so local paths, gs:// and
-s3:// take the same code path. Listing happens on a worker (not at pipeline
-construction), then a Reshuffle spreads the files over all workers.
+An input is one or more paths or globs (local, gs://, s3://: anything Beam's
+`FileSystems` knows) in one of these formats (docs/INPUT_FORMATS.md):
+
+- files: image files under a directory or glob, one file per image;
+- tar: WebDataset tar shards (`.tar`, `.tar.gz`), meta from `.json`/`.txt` members;
+- tfrecord: TFRecord shards of `tf.train.Example` (optionally gzip'd);
+- parquet: Parquet shards with image bytes in a column (img2dataset's `key`/`jpg`);
+- urilist: text / CSV / Parquet lists of image URIs.
+
+Shards are the unit of parallelism: patterns are matched on a worker, the shard
+list (never the image bytes) is reshuffled over the workers, and each shard is
+read as a stream (formats/*.py), so memory stays at a few records whatever the
+shard size. Damage in a shard becomes error rows; the rest of the corpus goes on.
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
+import dataclasses
 import os
 
 import apache_beam as beam
-from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import reasons, records
-from pipeline.config import IMAGE_EXTENSIONS
+from pipeline import reasons
+from pipeline.formats import FORMATS, META_FORMATS, common, detect_format, matches_format
+from pipeline.formats.files import (
+    ListFilesFn,
+    ReadFileFn,
+    is_glob,
+    is_image_path,
+    relative_id,
+    resolve_input,
+)
+from pipeline.formats.parquet import read_parquet
+from pipeline.formats.tar import read_tar
+from pipeline.formats.tfrecord import COMPRESSIONS, read_tfrecord
+from pipeline.formats.urilist import read_list, read_uri, uri_id
 from pipeline.records import SourceImage
 
-log = logging.getLogger(__name__)
-
-_GLOB_CHARS = "*?["
-
-
-def is_image_path(path: str) -> bool:
-    """True for the image extensions we embed (case-insensitive)."""
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def resolve_input(spec: str) -> tuple[str, str]:
-    """(root, glob pattern) for a directory or a glob; ids are paths relative to root."""
-    spec = spec.rstrip("/") if len(spec) > 1 else spec
-    if any(c in spec for c in _GLOB_CHARS):
-        cut = min(spec.index(c) for c in _GLOB_CHARS if c in spec)
-        root = spec[:cut].rsplit("/", 1)[0] if "/" in spec[:cut] else ""
-        return root, spec
-    if _is_single_file(spec):
-        return spec.rsplit("/", 1)[0] if "/" in spec else "", spec
-    return spec, f"{spec}/**"
+__all__ = [
+    "FORMATS",
+    "InputSpec",
+    "ReadImages",
+    "add_input_arguments",
+    "carries_meta",
+    "ids_may_repeat",
+    "input_spec_from_args",
+    "is_image_path",
+    "relative_id",
+    "resolve_input",
+    "split_paths",
+]
 
 
-def _is_single_file(spec: str) -> bool:
-    if "://" not in spec:
-        return os.path.isfile(spec)
-    return is_image_path(spec)
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What to read: paths or globs, their format, and where each format keeps ids and bytes.
+
+    Plain data (hashable, picklable) so that it can sit in EmbedConfig and travel to workers.
+    `paths` may be given as one string; it is stored as a tuple.
+    """
+
+    paths: tuple[str, ...]
+    format: str = "auto"  # auto | files | tar | tfrecord | parquet | urilist
+    tfrecord_key: str = "image/id"  # feature holding the id (image/id, image/filename, ...)
+    tfrecord_image: str = "image/encoded"  # feature holding the encoded image
+    tfrecord_compression: str = "auto"  # auto (sniffed per shard) | gzip | none
+    parquet_image_column: str = "jpg"
+    parquet_id_column: str = "key"
+    urilist_uri_column: str = "uri"
+    urilist_id_column: str = "id"
+
+    def __post_init__(self) -> None:
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"input needs at least one non-empty path; got {self.paths!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"input format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.tfrecord_compression not in COMPRESSIONS:
+            raise ValueError(
+                f"tfrecord compression must be one of {', '.join(COMPRESSIONS)}; got {self.tfrecord_compression!r}"
+            )
+
+    @classmethod
+    def of(cls, spec: str | InputSpec) -> InputSpec:
+        """An InputSpec from a spec string (format auto) or an InputSpec.
+
+        The string is one path or glob, or a comma-separated list of them (unless the
+        whole string names a local file or directory: paths with commas need InputSpec).
+        """
+        return spec if isinstance(spec, InputSpec) else cls(paths=split_paths(spec))
+
+    def sources(self) -> list[tuple[str, str]]:
+        """(path or glob, format) per input path, with `auto` resolved from the path's name."""
+        out = []
+        for path in self.paths:
+            fmt = self.format
+            if fmt == "auto":
+                found = detect_format(path)
+                # A directory, or a glob of images, is a folder of image files.
+                fmt = found if found and not (os.path.isdir(path) and "://" not in path) else "files"
+            out.append((path, fmt))
+        return out
+
+    def root(self) -> str:
+        """The directory ids are relative to: the common directory of every path's own root."""
+        roots = [_root_of(path, fmt) for path, fmt in self.sources()]
+        return _common_dir(roots)
+
+    def ids_may_repeat(self) -> bool:
+        """False only where ids are unique by construction (one `files` path): dedup can be skipped."""
+        sources = self.sources()
+        return len(sources) > 1 or sources[0][1] != "files"
+
+    def carries_meta(self) -> bool:
+        """True when some record can carry `meta` (tar shards): the output needs the meta column."""
+        return any(fmt in META_FORMATS for _, fmt in self.sources())
+
+    def to_dict(self) -> dict:
+        """JSON-able form, for the manifest."""
+        out = dataclasses.asdict(self)
+        out["paths"] = list(self.paths)
+        return out
 
 
-def relative_id(root: str, path: str) -> str:
-    """The image id: its path relative to the input root, with '/' separators."""
-    if root and path.startswith(root.rstrip("/") + "/"):
-        rel = path[len(root.rstrip("/")) + 1 :]
-    elif root and "://" not in path and "://" not in root:
-        rel = os.path.relpath(path, root)
-    else:
-        rel = path
-    return rel.replace(os.sep, "/") if "://" not in rel else rel
+def _root_of(path: str, fmt: str) -> str:
+    """The directory a path's ids are relative to."""
+    if fmt == "files" or is_glob(path):
+        return resolve_input(path)[0]
+    path = path.rstrip("/") if len(path) > 1 else path
+    # No listing at construction time for remote paths: a name with an extension is a file.
+    is_dir = os.path.isdir(path) if "://" not in path else "." not in path.rsplit("/", 1)[-1]
+    if is_dir:
+        return path
+    return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def _walk_local(pattern: str, root: str):
-    """Local listing that survives entries Beam's listing chokes on (broken links)."""
-    import fnmatch
+def _common_dir(roots: list[str]) -> str:
+    """Longest common '/'-separated prefix of directories (`gs://b/x`, `gs://b/y` -> `gs://b`)."""
+    parts = [r.split("/") for r in roots]
+    common_parts = []
+    for column in zip(*parts):
+        if any(c != column[0] for c in column):
+            break
+        common_parts.append(column[0])
+    joined = "/".join(common_parts)
+    if all("://" in r for r in roots) and joined.endswith(":/"):
+        joined += "/"
+    return joined if joined != "" or not all(r.startswith("/") for r in roots) else "/"
 
-    for dirpath, _, files in os.walk(root or "."):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not fnmatch.fnmatch(path, pattern.replace("**", "*")):
-                continue
-            try:
-                yield FileMetadata(path, os.path.getsize(path))
-            except OSError as exc:
-                yield path, exc
+
+def split_paths(spec: str) -> tuple[str, ...]:
+    """`a.tar,b/*.tar` -> ("a.tar", "b/*.tar"); a string naming an existing local path stays whole."""
+    if "," not in spec or os.path.exists(spec):
+        return (spec,)
+    return tuple(p.strip() for p in spec.split(",") if p.strip())
 
 
-class _ListFn(beam.DoFn):
-    """pattern -> FileMetadata of every image file under it (or an error row)."""
+def ids_may_repeat(spec: str | InputSpec) -> bool:
+    """Whether the job must run DedupIds for this input (see pipeline/dedup.py)."""
+    return InputSpec.of(spec).ids_may_repeat()
 
-    def __init__(self, root: str):
+
+def carries_meta(spec: str | InputSpec) -> bool:
+    """Whether embeddings of this input need the optional `meta` column."""
+    return InputSpec.of(spec).carries_meta()
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --input-format and the per-format column/feature options (not --input itself)."""
+    g = parser.add_argument_group("input format (docs/INPUT_FORMATS.md)")
+    g.add_argument(
+        "--input-format",
+        choices=FORMATS,
+        default="auto",
+        help="auto (default): from each path's extension (.tar/.tar.gz, .tfrecord[.gz], .parquet, .txt/.csv; "
+        "a directory or anything else is a folder of image files); files: image files under a directory or "
+        "glob; tar: WebDataset shards; tfrecord: tf.train.Example shards; parquet: image bytes in a column; "
+        "urilist: text/CSV/Parquet lists of image URIs",
+    )
+    g.add_argument(
+        "--tfrecord-key",
+        default="image/id",
+        help="tf.train.Example feature holding the image id, e.g. image/filename (default image/id; "
+        "a record without it gets SHARD#INDEX)",
+    )
+    g.add_argument(
+        "--tfrecord-image", default="image/encoded", help="feature holding the encoded image (default image/encoded)"
+    )
+    g.add_argument(
+        "--tfrecord-compression",
+        choices=COMPRESSIONS,
+        default="auto",
+        help="auto (default): detected per shard from its first bytes; gzip; none",
+    )
+    g.add_argument(
+        "--parquet-image-column", default="jpg", help="binary column with the image bytes (default jpg, as img2dataset)"
+    )
+    g.add_argument(
+        "--parquet-id-column",
+        default="key",
+        help="column with the image id (default key, as img2dataset; without it ids are SHARD#row=N)",
+    )
+    g.add_argument(
+        "--urilist-uri-column",
+        default="uri",
+        help="URI column of CSV/Parquet lists (default uri; url, path also found)",
+    )
+    g.add_argument(
+        "--urilist-id-column",
+        default="id",
+        help="id column of CSV/Parquet lists (default id; without it the id is the URI relative to the input root)",
+    )
+
+
+def input_spec_from_args(args: argparse.Namespace) -> InputSpec:
+    """The InputSpec of parsed arguments: --input (a path, glob, or comma-separated list) and the options above."""
+    raw = args.input
+    return InputSpec(
+        paths=split_paths(raw) if isinstance(raw, str) else tuple(raw),
+        format=args.input_format,
+        tfrecord_key=args.tfrecord_key,
+        tfrecord_image=args.tfrecord_image,
+        tfrecord_compression=args.tfrecord_compression,
+        parquet_image_column=args.parquet_image_column,
+        parquet_id_column=args.parquet_id_column,
+        urilist_uri_column=args.urilist_uri_column,
+        urilist_id_column=args.urilist_id_column,
+    )
+
+
+class _MatchShardsFn(beam.DoFn):
+    """(pattern, format) -> (shard path, format) per file, or an error row when nothing is there.
+
+    A literal path that is a directory stands for the files of that format under it.
+    """
+
+    def __init__(self, root: str) -> None:
         self._root = root
-        self._seen = Metrics.counter("embedpipe", "images_seen")
 
-    def process(self, pattern: str):
+    def process(self, source: tuple[str, str]):
+        pattern, fmt = source
         try:
-            listing = FileSystems.match([pattern])[0].metadata_list
+            found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+            is_dir = (os.path.isdir(pattern) if "://" not in pattern else not found) and not is_glob(pattern)
+            if is_dir:
+                under = [m.path for m in FileSystems.match([f"{pattern.rstrip('/')}/**"])[0].metadata_list]
+                found = [path for path in under if matches_format(path, fmt)]
         except Exception as exc:
-            if "://" in pattern:
-                raise RuntimeError(f"cannot list input {pattern!r}: {exc}") from exc
-            log.warning("Beam could not list %s (%s); listing entry by entry", pattern, exc)
-            listing = list(_walk_local(pattern, self._root))
-        for entry in listing:
-            if isinstance(entry, tuple):  # (path, error) from the tolerant local walk
-                path, exc = entry
-                if is_image_path(path):
-                    self._seen.inc()
-                    rid = relative_id(self._root, path)
-                    yield beam.pvalue.TaggedOutput(
-                        "errors",
-                        records.error_row(rid, path, "read", reasons.UNREADABLE, f"{type(exc).__name__}: {exc}"),
-                    )
-                continue
-            if is_image_path(entry.path):
-                self._seen.inc()
-                yield entry
-
-
-class _ReadFileFn(beam.DoFn):
-    def __init__(self, root: str, max_bytes: int):
-        self._root = root
-        self._max_bytes = max_bytes
-        self._failed = Metrics.counter("embedpipe", "images_failed_read")
-
-    def process(self, meta: FileMetadata):
-        path = meta.path
-        rid = relative_id(self._root, path)
-        if meta.size_in_bytes > self._max_bytes:
-            self._failed.inc()
             yield beam.pvalue.TaggedOutput(
                 "errors",
-                records.error_row(
-                    rid,
-                    path,
-                    "read",
-                    reasons.TOO_LARGE,
-                    f"{meta.size_in_bytes:,} bytes exceeds the limit of {self._max_bytes:,} (--max-bytes)",
+                common.record_error(pattern, pattern, reasons.UNREADABLE, f"cannot list: {common.describe(exc)}"),
+            )
+            return
+        if not found:
+            # Not a crash (the rest of the input is still read), but never an empty, silent success either.
+            yield beam.pvalue.TaggedOutput(
+                "errors",
+                common.record_error(
+                    relative_id(self._root, pattern), pattern, reasons.UNREADABLE, f"no {fmt} shards match {pattern!r}"
                 ),
             )
             return
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as handle:
-                data = handle.read(self._max_bytes + 1)
-        except Exception as exc:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                "errors", records.error_row(rid, path, "read", reasons.UNREADABLE, f"{type(exc).__name__}: {exc}")
+        for path in found:
+            yield path, fmt
+
+
+class _ReadShardFn(beam.DoFn):
+    """(shard path, format) -> SourceImage per record (main), error rows ("errors"), listed URIs ("uris")."""
+
+    def __init__(self, spec: InputSpec, root: str, max_bytes: int) -> None:
+        self._spec = spec
+        self._root = root
+        self._max_bytes = max_bytes
+
+    def _records(self, path: str, fmt: str, rel: str):
+        spec = self._spec
+        if fmt == "tar":
+            return read_tar(path, rel, max_bytes=self._max_bytes)
+        if fmt == "tfrecord":
+            return read_tfrecord(
+                path,
+                rel,
+                key_feature=spec.tfrecord_key,
+                image_feature=spec.tfrecord_image,
+                compression=spec.tfrecord_compression,
+                max_bytes=self._max_bytes,
             )
-            return
-        yield SourceImage(rid, path, data)
+        if fmt == "parquet":
+            return read_parquet(
+                path,
+                rel,
+                image_column=spec.parquet_image_column,
+                id_column=spec.parquet_id_column,
+                max_bytes=self._max_bytes,
+            )
+        if fmt == "urilist":
+            return read_list(path, rel, uri_column=spec.urilist_uri_column, id_column=spec.urilist_id_column)
+        raise ValueError(f"not a shard format: {fmt!r}")
+
+    def process(self, shard: tuple[str, str]):
+        path, fmt = shard
+        rel = relative_id(self._root, path)
+        count = 0
+        try:
+            for item in self._records(path, fmt, rel):
+                count += 1
+                if isinstance(item, SourceImage):
+                    yield item
+                elif isinstance(item, tuple):  # (id or None, uri, position) from a URI list
+                    rid, uri, _ = item
+                    yield beam.pvalue.TaggedOutput("uris", (rid or uri_id(self._root, uri), uri))
+                else:
+                    yield beam.pvalue.TaggedOutput("errors", item)
+        except Exception as exc:  # readers report damage themselves; this is the net for the unforeseen
+            yield beam.pvalue.TaggedOutput(
+                "errors",
+                common.shard_error(
+                    rel,
+                    path,
+                    f"after={count}",
+                    reasons.UNREADABLE,
+                    f"reading stopped after {count} records: {common.describe(exc)}",
+                ),
+            )
+
+
+class _ReadUriFn(beam.DoFn):
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+
+    def process(self, entry: tuple[str, str]):
+        rid, uri = entry
+        out = read_uri(rid, uri, max_bytes=self._max_bytes)
+        yield out if isinstance(out, SourceImage) else beam.pvalue.TaggedOutput("errors", out)
+
+
+class _CountFn(beam.DoFn):
+    """Counts what ReadImages hands on: every input record is exactly one image or one error row."""
+
+    def __init__(self, *names: str) -> None:
+        self._names = names
+
+    def setup(self) -> None:
+        self._counters = [Metrics.counter("embedpipe", n) for n in self._names]
+
+    def process(self, element):
+        for counter in self._counters:
+            counter.inc()
+        yield element
 
 
 class ReadImages(beam.PTransform):
-    """Every image file under a directory or glob -> SourceImage ("images") + error rows ("errors")."""
+    """An input spec -> SourceImage ("images") + read error rows ("errors").
 
-    def __init__(self, spec: str, *, max_bytes: int) -> None:
+    Counts every record it hands on in the Beam counter embedpipe/images_seen (the
+    job checks seen == embedded + failed before it publishes).
+    """
+
+    def __init__(self, spec: str | InputSpec, *, max_bytes: int) -> None:
         super().__init__()
-        self._root, self._pattern = resolve_input(spec)
+        self._spec = InputSpec.of(spec)
+        self._root = self._spec.root()
         self._max_bytes = max_bytes
 
     def expand(self, pbegin):
-        listed = (
-            pbegin
-            | "InputPattern" >> beam.Create([self._pattern])
-            | "ListFiles" >> beam.ParDo(_ListFn(self._root)).with_outputs("errors", main="files")
+        sources = self._spec.sources()
+        file_patterns = [resolve_input(path)[1] for path, fmt in sources if fmt == "files"]
+        shard_sources = [(path, fmt) for path, fmt in sources if fmt != "files"]
+        images, errors = [], []
+        if file_patterns:
+            listed = (
+                pbegin
+                | "InputPattern" >> beam.Create(file_patterns)
+                | "ListFiles" >> beam.ParDo(ListFilesFn(self._root)).with_outputs("errors", main="files")
+            )
+            read = (
+                listed.files
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ReadFiles"
+                >> beam.ParDo(ReadFileFn(self._root, self._max_bytes)).with_outputs("errors", main="images")
+            )
+            images.append(read.images)
+            errors.extend([listed.errors, read.errors])
+        if shard_sources:
+            matched = (
+                pbegin
+                | "ShardPatterns" >> beam.Create(shard_sources)
+                | "MatchShards" >> beam.ParDo(_MatchShardsFn(self._root)).with_outputs("errors", main="shards")
+            )
+            shards = (
+                matched.shards
+                # The same shard matched by two patterns is read once.
+                | "DistinctShards" >> beam.Distinct()
+                | "SpreadShards" >> beam.Reshuffle()
+                | "ReadShards"
+                >> beam.ParDo(_ReadShardFn(self._spec, self._root, self._max_bytes)).with_outputs(
+                    "errors", "uris", main="images"
+                )
+            )
+            images.append(shards.images)
+            errors.extend([matched.errors, shards.errors])
+            if any(fmt == "urilist" for _, fmt in shard_sources):
+                fetched = (
+                    shards.uris
+                    | "SpreadUris" >> beam.Reshuffle()
+                    | "ReadUris" >> beam.ParDo(_ReadUriFn(self._max_bytes)).with_outputs("errors", main="images")
+                )
+                images.append(fetched.images)
+                errors.append(fetched.errors)
+        all_images = (
+            tuple(images) | "AllImages" >> beam.Flatten() | "CountImages" >> beam.ParDo(_CountFn("images_seen"))
         )
-        read = (
-            listed.files
-            | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._root, self._max_bytes)).with_outputs("errors", main="images")
+        all_errors = (
+            tuple(errors)
+            | "ReadErrors" >> beam.Flatten()
+            | "CountErrors" >> beam.ParDo(_CountFn("images_seen", "images_failed_read"))
         )
-        errors = (listed.errors, read.errors) | "ReadErrors" >> beam.Flatten()
-        return {"images": read.images, "errors": errors}
+        return {"images": all_images, "errors": all_errors}

@@ -1,0 +1,42 @@
+"""Readers of the input formats: one module per format, one streaming generator per shard.
+
+`detect_format` names the format of a path from its extension; pipeline/read.py
+turns an input spec into shards and calls the reader of each.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.formats.common import CORRUPT_RECORD, TRUNCATED_SHARD
+
+FORMATS = ("auto", "files", "tar", "tfrecord", "parquet", "urilist")
+SHARD_FORMATS = ("tar", "tfrecord", "parquet", "urilist")
+META_FORMATS = ("tar",)  # formats whose records can carry `meta`
+
+_TAR = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$")
+# TFDS names its shards name.tfrecord-00000-of-00010; gzip'd ones often end in .gz
+_TFRECORD = re.compile(r"\.(tfrecords?|tfrec)(-\d+-of-\d+)?(\.gz|\.gzip)?$")
+_PARQUET = re.compile(r"\.parquet$")
+_URILIST = re.compile(r"\.(txt|lst|list|uris|csv)(\.gz)?$")
+
+__all__ = ["CORRUPT_RECORD", "FORMATS", "META_FORMATS", "SHARD_FORMATS", "TRUNCATED_SHARD", "detect_format"]
+
+
+def detect_format(path: str) -> str | None:
+    """The shard format a path's name implies, or None (a directory, an image, anything else).
+
+    A Parquet file is taken for image bytes (`parquet`); a Parquet list of URIs
+    needs `--input-format urilist`.
+    """
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    for fmt, pattern in (("tar", _TAR), ("tfrecord", _TFRECORD), ("parquet", _PARQUET), ("urilist", _URILIST)):
+        if pattern.search(name):
+            return fmt
+    return None
+
+
+def matches_format(path: str, fmt: str) -> bool:
+    """True when a file found under a directory belongs to `fmt` (by name; urilist also takes .parquet)."""
+    found = detect_format(path)
+    return found == fmt or (fmt == "urilist" and found == "parquet")

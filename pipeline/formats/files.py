@@ -1,0 +1,134 @@
+"""The `files` format: every image file under a directory or glob, one file per image.
+
+Files are listed and read through Beam's `FileSystems`, so local paths, gs://
+and s3:// take the same code path. Listing happens on a worker (not at pipeline
+construction), then a reshuffle spreads the files over all workers. Ids are the
+path relative to the input root, unique by construction.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+
+import apache_beam as beam
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import reasons, records
+from pipeline.config import IMAGE_EXTENSIONS
+from pipeline.formats import common
+from pipeline.records import SourceImage
+
+log = logging.getLogger(__name__)
+
+GLOB_CHARS = "*?["
+
+
+def is_image_path(path: str) -> bool:
+    """True for the image extensions we embed (case-insensitive)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_glob(path: str) -> bool:
+    """True when `path` has a wildcard in it."""
+    return any(c in path for c in GLOB_CHARS)
+
+
+def resolve_input(spec: str) -> tuple[str, str]:
+    """(root, glob pattern) for a directory or a glob; ids are paths relative to root."""
+    spec = spec.rstrip("/") if len(spec) > 1 else spec
+    if is_glob(spec):
+        cut = min(spec.index(c) for c in GLOB_CHARS if c in spec)
+        root = spec[:cut].rsplit("/", 1)[0] if "/" in spec[:cut] else ""
+        return root, spec
+    if _is_single_file(spec):
+        return spec.rsplit("/", 1)[0] if "/" in spec else "", spec
+    return spec, f"{spec}/**"
+
+
+def _is_single_file(spec: str) -> bool:
+    if "://" not in spec:
+        return os.path.isfile(spec)
+    return is_image_path(spec)
+
+
+def relative_id(root: str, path: str) -> str:
+    """The image id: its path relative to the input root, with '/' separators."""
+    if root and path.startswith(root.rstrip("/") + "/"):
+        rel = path[len(root.rstrip("/")) + 1 :]
+    elif root and "://" not in path and "://" not in root:
+        rel = os.path.relpath(path, root)
+    else:
+        rel = path
+    return rel.replace(os.sep, "/") if "://" not in rel else rel
+
+
+def _walk_local(pattern: str, root: str):
+    """Local listing that survives entries Beam's listing chokes on (broken links)."""
+    for dirpath, _, files in os.walk(root or "."):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not fnmatch.fnmatch(path, pattern.replace("**", "*")):
+                continue
+            try:
+                yield FileMetadata(path, os.path.getsize(path))
+            except OSError as exc:
+                yield path, exc
+
+
+class ListFilesFn(beam.DoFn):
+    """pattern -> FileMetadata of every image file under it (or an error row, output "errors")."""
+
+    def __init__(self, root: str):
+        self._root = root
+
+    def process(self, pattern: str):
+        try:
+            listing = FileSystems.match([pattern])[0].metadata_list
+        except Exception as exc:
+            if "://" in pattern:
+                raise RuntimeError(f"cannot list input {pattern!r}: {exc}") from exc
+            log.warning("Beam could not list %s (%s); listing entry by entry", pattern, exc)
+            listing = list(_walk_local(pattern, self._root))
+        for entry in listing:
+            if isinstance(entry, tuple):  # (path, error) from the tolerant local walk
+                path, exc = entry
+                if is_image_path(path):
+                    rid = relative_id(self._root, path)
+                    yield beam.pvalue.TaggedOutput(
+                        "errors", common.record_error(rid, path, reasons.UNREADABLE, common.describe(exc))
+                    )
+                continue
+            if is_image_path(entry.path):
+                yield entry
+
+
+class ReadFileFn(beam.DoFn):
+    """FileMetadata -> SourceImage (id relative to root), or an error row (output "errors")."""
+
+    def __init__(self, root: str, max_bytes: int):
+        self._root = root
+        self._max_bytes = max_bytes
+
+    def process(self, meta: FileMetadata):
+        path = meta.path
+        rid = relative_id(self._root, path)
+        if meta.size_in_bytes > self._max_bytes:
+            yield beam.pvalue.TaggedOutput(
+                "errors",
+                records.error_row(
+                    rid, path, "read", reasons.TOO_LARGE, common.too_large_message(meta.size_in_bytes, self._max_bytes)
+                ),
+            )
+            return
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as handle:
+                data = handle.read(self._max_bytes + 1)
+        except Exception as exc:
+            yield beam.pvalue.TaggedOutput(
+                "errors", records.error_row(rid, path, "read", reasons.UNREADABLE, common.describe(exc))
+            )
+            return
+        yield SourceImage(rid, path, data)

@@ -1,0 +1,168 @@
+"""TFRecord shards of `tf.train.Example`, framed and checked by hand, as a stream.
+
+A TFRecord file is a sequence of frames:
+
+    uint64 length | uint32 masked_crc32c(length) | data[length] | uint32 masked_crc32c(data)
+
+Reading the framing ourselves (instead of through TensorFlow or Beam's
+ReadFromTFRecord, which stop the job on the first bad byte) lets us keep going
+past a record whose data fails its checksum (its length was checked, so the next
+frame is found), and say exactly where a truncated or damaged shard stops.
+Memory holds one record at a time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import reasons
+from pipeline.formats import common
+from pipeline.formats.example_proto import parse_example
+from pipeline.records import SourceImage
+
+COMPRESSIONS = ("auto", "gzip", "none")
+_HEADER = 12  # uint64 length + uint32 crc of it
+_FOOTER = 4
+_EXAMPLE_SLACK = 1 << 20  # room for the other features of an Example beyond the image bytes
+
+try:  # a C implementation ships with apache-beam[gcp]; Beam's own helper is the fallback
+    from google_crc32c import value as _crc32c
+except ImportError:  # pragma: no cover - depends on the installed extras
+    from apache_beam.io.tfrecordio import _default_crc32c_fn as _crc32c
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The checksum TFRecord stores: crc32c rotated right by 15 bits plus a constant."""
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def encode_frame(data: bytes) -> bytes:
+    """One TFRecord frame around `data` (used to write test shards and by tools)."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def _sniff_compression(path: str) -> str:
+    """'gzip' or 'none' from the first bytes: a valid uncompressed frame header wins over gzip magic."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        head = common.read_exact(handle, _HEADER)
+    if len(head) == _HEADER and struct.unpack("<I", head[8:])[0] == masked_crc32c(head[:8]):
+        return "none"
+    return "gzip" if head[:2] == b"\x1f\x8b" else "none"
+
+
+def read_tfrecord(
+    path: str,
+    rel: str,
+    *,
+    key_feature: str = "image/id",
+    image_feature: str = "image/encoded",
+    compression: str = "auto",
+    max_bytes: int,
+) -> Iterator[SourceImage | dict]:
+    """Every record of one TFRecord shard -> SourceImage (uri `path#index`) or an error row.
+
+    The id is the first value of `key_feature` (bytes decoded as UTF-8, or an
+    integer); a record without it gets `rel#index`. A record whose data fails its
+    checksum or does not parse is one `corrupt_record` row and the shard goes on;
+    a broken length header or a cut-off frame ends the shard with one
+    `truncated_shard` row naming the record index and byte offset.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"tfrecord compression must be one of {COMPRESSIONS}; got {compression!r}")
+    try:
+        if compression == "auto":
+            compression = _sniff_compression(path)
+        handle = FileSystems.open(
+            path, compression_type=CompressionTypes.GZIP if compression == "gzip" else CompressionTypes.UNCOMPRESSED
+        )
+    except Exception as exc:
+        yield common.record_error(rel, path, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
+        return
+    wanted = frozenset((key_feature, image_feature))
+    index = offset = 0
+    with handle:
+        try:
+            while True:
+                header = common.read_exact(handle, _HEADER)
+                if not header:
+                    return  # a clean end: the last frame was whole
+                if len(header) < _HEADER:
+                    raise _Damage(f"the frame header has {len(header)} of its {_HEADER} bytes")
+                (length,) = struct.unpack("<Q", header[:8])
+                if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+                    raise _Damage("the length fails its checksum (not a TFRecord, or damaged here)")
+                uri = f"{path}#{index}"
+                if length > max_bytes + _EXAMPLE_SLACK:
+                    skipped = common.skip_exact(handle, length + _FOOTER)
+                    if skipped < length + _FOOTER:
+                        raise _Damage(f"the record has {skipped:,} of its {length + _FOOTER:,} bytes")
+                    yield common.record_error(
+                        f"{rel}#{index}", uri, reasons.TOO_LARGE, common.too_large_message(length, max_bytes)
+                    )
+                else:
+                    data = common.read_exact(handle, length)
+                    footer = common.read_exact(handle, _FOOTER)
+                    if len(data) < length or len(footer) < _FOOTER:
+                        raise _Damage(f"the record has {len(data) + len(footer):,} of its {length + _FOOTER:,} bytes")
+                    if struct.unpack("<I", footer)[0] != masked_crc32c(data):
+                        yield common.record_error(
+                            f"{rel}#{index}",
+                            uri,
+                            common.CORRUPT_RECORD,
+                            f"record {index} at byte {offset:,} fails its data checksum",
+                        )
+                    else:
+                        yield _record(data, rel, uri, index, key_feature, image_feature, wanted, max_bytes)
+                index += 1
+                offset += _HEADER + length + _FOOTER
+        except Exception as exc:
+            # A bad length header or a cut-off frame leaves no way to find the next frame.
+            yield common.shard_error(
+                rel,
+                path,
+                str(index),
+                common.TRUNCATED_SHARD,
+                f"TFRecord stream truncated or damaged at record {index}, byte {offset:,}"
+                f"{' (uncompressed)' if compression == 'gzip' else ''}: "
+                f"{exc if isinstance(exc, _Damage) else common.describe(exc)}; "
+                "the rest of the shard could not be read",
+            )
+
+
+class _Damage(Exception):
+    """The framing is broken here: nothing after this point can be located."""
+
+
+def _record(
+    data: bytes,
+    rel: str,
+    uri: str,
+    index: int,
+    key_feature: str,
+    image_feature: str,
+    wanted: frozenset[str],
+    max_bytes: int,
+) -> SourceImage | dict:
+    fallback = f"{rel}#{index}"
+    try:
+        features = parse_example(data, wanted)
+    except ValueError as exc:
+        return common.record_error(fallback, uri, common.CORRUPT_RECORD, f"not a tf.train.Example: {exc}")
+    keys = features.get(key_feature) or []
+    key = keys[0] if keys else None
+    rid = (key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)) if key is not None else ""
+    rid = rid or fallback
+    images = features.get(image_feature) or []
+    if not images or not images[0]:
+        return common.record_error(
+            rid, uri, reasons.EMPTY_FILE, f"record has no {image_feature!r} bytes (features: --tfrecord-image)"
+        )
+    if len(images[0]) > max_bytes:
+        return common.record_error(rid, uri, reasons.TOO_LARGE, common.too_large_message(len(images[0]), max_bytes))
+    return SourceImage(rid, uri, images[0])

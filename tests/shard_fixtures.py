@@ -1,0 +1,187 @@
+"""Small seeded shard sets for the reader tests: the same images in every input format.
+
+TFRecords are written with TensorFlow's own `tf.train.Example` and
+`tf.io.TFRecordWriter`, tars with `tarfile`, Parquet with pyarrow: the readers
+are tested against what real tools write, not against our own encoders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pathlib
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.sample import jpeg_bytes, photos, variant
+
+
+def make_images(count: int = 8, *, seed: int = 0, megapixels: float = 0.004) -> dict[str, bytes]:
+    """name (`img00`, ...) -> JPEG bytes of a small real photo variant, all different, seeded."""
+    rng = np.random.default_rng(seed)
+    base = photos()
+    names = sorted(base)
+    return {
+        f"img{i:02d}": jpeg_bytes(variant(base[names[i % len(names)]], rng, megapixels), quality=90)
+        for i in range(count)
+    }
+
+
+def write_files(folder: pathlib.Path, images: dict[str, bytes]) -> list[pathlib.Path]:
+    """One `<name>.jpg` per image under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in images.items():
+        path = folder / f"{name}.jpg"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 1_700_000_000  # fixed, so that shards are byte-identical run to run
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_tar(
+    path: pathlib.Path,
+    samples: list[tuple[str, bytes]],
+    *,
+    meta: dict[str, str] | None = None,
+    mode: str = "w",
+    extra: dict[str, bytes] | None = None,
+) -> pathlib.Path:
+    """A WebDataset tar: `<key>.jpg` (+ `<key>.json`/`<key>.txt` from `meta`, value `json:...`/`txt:...`).
+
+    `extra` adds members by full name (e.g. a `.cls` field) right after the sample of the same key.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = meta or {}
+    extra = extra or {}
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as archive:
+        for key, data in samples:
+            _add(archive, f"{key}.jpg", data)
+            if key in meta:
+                kind, _, text = meta[key].partition(":")
+                _add(archive, f"{key}.{kind}", text.encode())
+            for name, blob in extra.items():
+                if name.split(".", 1)[0] == key:
+                    _add(archive, name, blob)
+    return path
+
+
+def tf_example(features: dict[str, bytes | int | list]) -> bytes:
+    """A serialized tf.train.Example made by TensorFlow itself."""
+    import tensorflow as tf
+
+    feature = {}
+    for name, value in features.items():
+        values = value if isinstance(value, list) else [value]
+        if all(isinstance(v, bytes) for v in values):
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+        elif all(isinstance(v, int) for v in values):
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+        else:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_tfrecord(path: pathlib.Path, examples: list[bytes], *, gzip: bool = False) -> pathlib.Path:
+    """Serialized examples -> a TFRecord file written by tf.io.TFRecordWriter."""
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path), options="GZIP" if gzip else None) as writer:
+        for example in examples:
+            writer.write(example)
+    return path
+
+
+def image_examples(samples: list[tuple[str, bytes]], *, key_feature: str = "image/id") -> list[bytes]:
+    """One Example per (key, image) with the usual extra features (height, a float) around it."""
+    return [
+        tf_example({key_feature: key.encode(), "image/encoded": data, "image/height": 7, "image/score": 0.5})
+        for key, data in samples
+    ]
+
+
+def write_parquet(
+    path: pathlib.Path,
+    samples: list[tuple[str | None, bytes | None]],
+    *,
+    row_group_size: int = 3,
+    id_column: str = "key",
+    image_column: str = "jpg",
+) -> pathlib.Path:
+    """img2dataset-like Parquet: `key` (string), `jpg` (binary), `width` (int), small row groups."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            id_column: pa.array([k for k, _ in samples], pa.string()),
+            image_column: pa.array([d for _, d in samples], pa.binary()),
+            "width": pa.array([7] * len(samples), pa.int32()),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_csv_list(path: pathlib.Path, entries: list[tuple[str, str | None]], *, header: bool = True) -> pathlib.Path:
+    """A CSV URI list `uri,id` (an empty id cell when the id is None)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        if header:
+            writer.writerow(["uri", "id"])
+        for uri, rid in entries:
+            writer.writerow([uri, rid or ""])
+    return path
+
+
+def write_text_list(path: pathlib.Path, uris: list[str]) -> pathlib.Path:
+    """A text URI list, with a comment and a blank line that the reader must skip."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# images\n" + "\n".join(uris[:1]) + "\n\n" + "\n".join(uris[1:]) + "\n")
+    return path
+
+
+def meta_json(**fields) -> str:
+    """`json:{...}` meta value for write_tar."""
+    return "json:" + json.dumps(fields, sort_keys=True)
+
+
+def build_cross_format_corpus(root: pathlib.Path, images: dict[str, bytes]) -> dict[str, list[str]]:
+    """The same images in every format under `root`; format -> input paths. Ids differ per format.
+
+    files/ (ids img00.jpg...), tar/ (two shards, one gzip'd), tfrecord/ (plain + gzip),
+    parquet/ (two shards), urilist/ (a CSV naming files/ with ids `csv-...`).
+    """
+    items = list(images.items())
+    half = len(items) // 2
+    write_files(root / "files", images)
+    write_tar(
+        root / "tar" / "shard-0.tar",
+        items[:half],
+        meta={items[0][0]: meta_json(caption="first"), items[1][0]: "txt:a caption"},
+    )
+    write_tar(root / "tar" / "shard-1.tar.gz", items[half:], mode="w:gz")
+    tf_items = [(f"tfr-{k}", d) for k, d in items]
+    write_tfrecord(root / "tfrecord" / "part-0.tfrecord", image_examples(tf_items[:half]))
+    write_tfrecord(root / "tfrecord" / "part-1.tfrecord.gz", image_examples(tf_items[half:]), gzip=True)
+    pq_items = [(f"pq-{k}", d) for k, d in items]
+    write_parquet(root / "parquet" / "part-0.parquet", pq_items[:half])
+    write_parquet(root / "parquet" / "part-1.parquet", pq_items[half:])
+    write_csv_list(root / "urilist" / "list.csv", [(f"../files/{k}.jpg", f"csv-{k}") for k, _ in items])
+    return {
+        "files": [str(root / "files")],
+        "tar": [str(root / "tar" / "*.tar"), str(root / "tar" / "*.tar.gz")],
+        "tfrecord": [str(root / "tfrecord" / "*.tfrecord"), str(root / "tfrecord" / "*.tfrecord.gz")],
+        "parquet": [str(root / "parquet" / "*.parquet")],
+        "urilist": [str(root / "urilist" / "list.csv")],
+    }
