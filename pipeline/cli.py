@@ -48,7 +48,13 @@ def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
         p.add_argument("--output", required=True, help="output directory (embeddings/, errors/, manifest.json)")
     _add_model_args(p)
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default 32)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="images per inference batch (default: 32 on CPU; 128 when the job asks for GPUs via "
+        "--require-gpu or a worker_accelerator service option)",
+    )
     g.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     g.add_argument(
         "--threads-per-worker", type=int, default=0, help="TensorFlow intra-op threads per worker (default: TF decides)"
@@ -92,8 +98,9 @@ def _embed_config(args: argparse.Namespace) -> EmbedConfig:
     )
 
 
-def print_summary(manifest: dict, out=sys.stdout) -> None:
+def print_summary(manifest: dict, out=None) -> None:
     """The end-of-run account: counts, reasons, time, throughput, where the output is."""
+    out = out or sys.stdout
     c = manifest["counts"]
     print("", file=out)
     print(f"embedpipe: done in {manifest['wall_seconds']:.1f}s", file=out)
@@ -110,8 +117,9 @@ def print_summary(manifest: dict, out=sys.stdout) -> None:
     print(f"  output    {manifest['output']}/embeddings/  (errors/, manifest.json)", file=out)
 
 
-def print_plan(plan: dict, out=sys.stdout) -> None:
+def print_plan(plan: dict, out=None) -> None:
     """What --dry-run shows: resolved options, model, transform graph."""
+    out = out or sys.stdout
     print(
         json.dumps({k: v for k, v in plan.items() if k != "transforms"}, indent=2, sort_keys=True, default=str),
         file=out,

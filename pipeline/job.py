@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline.config import EmbedConfig
+from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, EmbedConfig
 from pipeline.decode import DecodeImages
 from pipeline.embed import EmbedImages
 from pipeline.read import ReadImages
@@ -58,6 +58,15 @@ def pipeline_options(beam_args: list[str], *, workers: int = 1) -> PipelineOptio
         direct.direct_num_workers = workers
         direct.direct_running_mode = "multi_processing"
     return options
+
+
+def resolve_batch_size(cfg: EmbedConfig, options: PipelineOptions, *, require_gpu: bool = False) -> int:
+    """The batch size: as given, or the device default (GPU when the job asks for accelerators)."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    services = options.get_all_options().get("dataflow_service_options") or []
+    wants_gpu = require_gpu or any("worker_accelerator" in str(s) for s in services)
+    return GPU_BATCH_SIZE if wants_gpu else CPU_BATCH_SIZE
 
 
 def utc_now() -> datetime.datetime:
@@ -96,7 +105,7 @@ def build_embed_pipeline(
     )
     embedded = decoded.decoded | "EmbedImages" >> EmbedImages(
         cfg.model,
-        batch_size=cfg.batch_size,
+        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu),
         embedded_at=embedded_at,
         intra_op_threads=cfg.intra_op_threads,
         require_gpu=require_gpu,
@@ -147,6 +156,7 @@ def plan_embed(
         require_gpu=require_gpu,
     )
     return {
+        "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu),
         "pipeline_options": options.get_all_options(drop_default=True),
         "model": cfg.model.fingerprint(),
         "embed_config": dataclasses.asdict(cfg),
@@ -285,6 +295,7 @@ def run_embed(
         },
         "embedding_dim": 2048,
         "thumbnails": cfg.thumbnails,
+        "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu),
         "embedded_at": embedded_at.isoformat(),
         "counts": {"seen": seen, "embedded": embedded, "reused": reused, "failed": failed},
         "failed_by_reason": reasons,
