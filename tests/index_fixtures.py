@@ -1,0 +1,226 @@
+"""Small index directories for the search side's tests, written with FAISS directly.
+
+They follow the index directory contract of DESIGN.md (index.faiss, ids.parquet,
+index.json) so the Searcher tests do not depend on the index build code; the end
+to end test uses the real `build_index`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import pathlib
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.localfilesystem import LocalFileSystem
+from PIL import Image
+
+from pipeline.config import ModelConfig
+from pipeline.imaging import decode_image
+from pipeline.sample import jpeg_bytes, photos
+
+SYNTHETIC_MODEL = "synthetic/test-vectors"
+
+
+def clustered(n: int, dim: int, *, clusters: int = 8, spread: float = 0.15, seed: int = 0) -> np.ndarray:
+    """Seeded float32 vectors around `clusters` random centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    which = rng.integers(0, clusters, n)
+    return (centres[which] + spread * rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def swatch_jpeg(label: int, size: int = 40) -> bytes:
+    """A small distinct JPEG (the thumbnail of synthetic item `label`)."""
+    rng = np.random.default_rng(label)
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    return jpeg_bytes(Image.new("RGB", (size, size + label % 7), colour), quality=85)
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force (scores, labels) in numpy: cosine similarity or Euclidean distance."""
+    if metric == "cosine":
+        base = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        sims = q @ base.T
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, order, axis=1), order
+    dists = np.sqrt(((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1))
+    order = np.argsort(dists, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dists, order, axis=1), order
+
+
+def write_index_dir(
+    out: str | os.PathLike,
+    vectors: np.ndarray,
+    *,
+    ids: list[str] | None = None,
+    uris: list[str] | None = None,
+    factory: str = "Flat",
+    metric: str = "cosine",
+    model: str = SYNTHETIC_MODEL,
+    model_config: dict | None = None,
+    thumbnails: list[bytes | None] | None = None,
+    search_params: dict | None = None,
+    row_group_size: int = 4096,
+    seed: int = 0,
+) -> str:
+    """Write INDEX_DIR/{index.faiss, ids.parquet, index.json} for these vectors and return the directory."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n, dim = vectors.shape
+    ids = ids or [f"item-{i:05d}" for i in range(n)]
+    uris = uris or [f"file:///corpus/{i}" for i in ids]
+    x = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+    if metric == "cosine":
+        faiss.normalize_L2(x)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    index = faiss.index_factory(dim, factory, faiss_metric)
+    needs_training = not index.is_trained
+    if needs_training:
+        rng = np.random.default_rng(seed)
+        index.train(x[rng.permutation(n)])
+    index.add(x)
+    space = faiss.ParameterSpace()
+    for name, value in (search_params or {}).items():
+        space.set_index_parameter(index, name, value)
+    faiss.write_index(index, str(out / "index.faiss"))
+
+    columns = {
+        "label": pa.array(np.arange(n, dtype=np.int64)),
+        "id": pa.array(ids, pa.string()),
+        "uri": pa.array(uris, pa.string()),
+    }
+    if thumbnails is not None:
+        columns["thumbnail"] = pa.array(thumbnails, pa.binary())
+    pq.write_table(pa.table(columns), out / "ids.parquet", row_group_size=row_group_size)
+
+    queries = x[: min(n, 50)]
+    _, truth = faiss.knn(queries, x, min(10, n), metric=faiss_metric)
+    _, found = index.search(queries, min(10, n))
+    recall = float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(truth, found)]))
+    meta = {
+        "format_version": 1,
+        "factory": factory,
+        "index_type": factory.lower(),
+        "metric": metric,
+        "normalized": metric == "cosine",
+        "dim": dim,
+        "ntotal": n,
+        "model": model,
+        "model_config": model_config,
+        "source": "tests/index_fixtures.py",
+        "built_at": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc).isoformat(),
+        "build_seconds": 0.5,
+        "train_size": n if needs_training else 0,
+        "search_params": search_params or {},
+        "recall_at_10": recall,
+        "recall_queries": len(queries),
+        "bytes": (out / "index.faiss").stat().st_size,
+        "has_thumbnails": thumbnails is not None,
+        "embedpipe_version": "test",
+    }
+    (out / "index.json").write_text(json.dumps(meta, indent=2))
+    return str(out)
+
+
+def model_config_dict(cfg: ModelConfig) -> dict:
+    """index.json's model_config for a ModelConfig (the fields the embed manifest records)."""
+    return {
+        "image_size": cfg.image_size,
+        "pooling": cfg.pooling,
+        "weights": cfg.weights,
+        "seed": cfg.seed,
+        "resize": cfg.resize,
+        "precision": cfg.precision,
+    }
+
+
+def photo_files(folder: str | os.PathLike, *, max_side: int = 160, quality: int = 90) -> dict[str, str]:
+    """The bundled sample photos, scaled down and written as JPEGs: id -> path."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, img in sorted(photos().items()):
+        small = img.copy()
+        small.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        path = folder / f"{name}.jpg"
+        path.write_bytes(jpeg_bytes(small, quality=quality))
+        out[f"{name}.jpg"] = str(path)
+    return out
+
+
+def photo_index(
+    out: str | os.PathLike, files: dict[str, str], cfg: ModelConfig, *, factory: str = "Flat", row_group_size: int = 5
+) -> str:
+    """An index of real photos embedded with `cfg`, decoded as `embedpipe embed --thumbnails` does."""
+    from pipeline.model import CompiledModel
+
+    pixels, thumbs = [], []
+    for path in files.values():
+        data = pathlib.Path(path).read_bytes()
+        px, _, _, thumb = decode_image(
+            data, size=cfg.image_size, resize=cfg.resize, max_pixels=10**8, draft=True, thumbnail=True
+        )
+        pixels.append(px)
+        thumbs.append(thumb)
+    model = CompiledModel(cfg, 4)
+    batch = np.stack(pixels)
+    vectors = np.concatenate([model(batch[i : i + 4]) for i in range(0, len(batch), 4)])
+    return write_index_dir(
+        out,
+        vectors,
+        ids=list(files),
+        uris=[pathlib.Path(p).resolve().as_uri() for p in files.values()],
+        factory=factory,
+        model=cfg.fingerprint(),
+        model_config=model_config_dict(cfg),
+        thumbnails=thumbs,
+        row_group_size=row_group_size,
+    )
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """Encode as PNG."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeRemoteFileSystem(LocalFileSystem):
+    """`fakeremote://ROOT-RELATIVE/PATH` served from a local folder: a stand-in for gs:// in tests.
+
+    Only the boundary is faked: callers go through Beam's FileSystems exactly as
+    they would for gs://. Set `FakeRemoteFileSystem.root` before use.
+    """
+
+    root = "/nonexistent"
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "fakeremote"
+
+    def _local(self, path: str) -> str:
+        prefix = "fakeremote://"
+        assert path.startswith(prefix), path
+        return os.path.join(self.root, path[len(prefix) :])
+
+    def join(self, basepath: str, *paths: str) -> str:
+        return "/".join([basepath.rstrip("/"), *paths])
+
+    def exists(self, path: str) -> bool:
+        return super().exists(self._local(path))
+
+    def open(self, path: str, mime_type: str = "application/octet-stream", compression_type: str = "auto"):
+        return super().open(self._local(path), mime_type, compression_type)
+
+    def create(self, path: str, mime_type: str = "application/octet-stream", compression_type: str = "auto"):
+        return super().create(self._local(path), mime_type, compression_type)
+
+    def mkdirs(self, path: str) -> None:
+        os.makedirs(self._local(path), exist_ok=True)
