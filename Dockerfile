@@ -39,8 +39,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1 \
-    KERAS_HOME=/opt/keras \
-    TF_CPP_MIN_LOG_LEVEL=1
+    KERAS_HOME=/opt/keras
 
 # The user the driver runs as (workers stay root: see the worker stage).
 RUN groupadd --system --gid 10001 embedpipe \

@@ -253,6 +253,12 @@ variable "enable_apis" {
   default     = true
 }
 
+variable "alert_email" {
+  description = "E-mail address alerted when a night fails (a Cloud Monitoring alert on the driver's failed executions). null: no alert."
+  type        = string
+  default     = null
+}
+
 variable "labels" {
   description = "Extra labels on every resource that takes labels."
   type        = map(string)

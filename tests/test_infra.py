@@ -294,6 +294,15 @@ def test_dockerignore_lets_every_copied_file_in():
     assert excluded("infra/terraform.tfstate") and excluded(".git/config"), ".dockerignore must keep state and .git out"
 
 
+def test_image_install_keeps_every_package_file():
+    """The image installs the package (not editable): files other than .py reach site-packages only if
+    setup.py or MANIFEST.in declares them, so a template added under pipeline/ would vanish there."""
+    data = [p for p in (ROOT / "pipeline").rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")]
+    if data:
+        declared = (ROOT / "MANIFEST.in").exists() or "package_data" in (ROOT / "setup.py").read_text()
+        assert declared, f"{[str(p.relative_to(ROOT)) for p in data]} would be missing from the image"
+
+
 def test_every_lint_skip_says_why():
     files = [DOCKERFILE, *sorted(INFRA.glob("*.tf"))]
     skips = [(f.name, m) for f in files for m in re.finditer(r"#\s*checkov:skip=([A-Z0-9_]+)(:?)(.*)", f.read_text())]
