@@ -27,7 +27,7 @@ FROM apache/beam_python3.11_sdk:2.77.0 AS beam_sdk
 
 FROM python:3.11.14-slim-bookworm AS runtime
 
-# pipefail: a failed md5sum on the left of a pipe must fail the build.
+# pipefail: any failing command of a pipe fails the build, not only the last one.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT: Beam's boot would otherwise create a fresh virtualenv

@@ -39,7 +39,6 @@ locals {
     "--input", var.input,
     "--root", local.root,
     "--weights", var.weights,
-    "--batch-size", "${var.batch_size}",
     "--keep", "${var.keep_runs}",
     "--require-gpu",
     "--runner", "DataflowRunner",
@@ -61,6 +60,7 @@ locals {
     "--labels", "app=embedpipe",
   ]
   nightly_optional_args = concat(
+    var.batch_size == null ? [] : ["--batch-size", tostring(var.batch_size)],
     var.use_public_ips ? [] : ["--no_use_public_ips"],
     var.subnetwork == null ? [] : ["--subnetwork", var.subnetwork],
     var.kms_key_name == null ? [] : ["--dataflow_kms_key", var.kms_key_name],

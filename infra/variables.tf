@@ -80,9 +80,9 @@ variable "weights" {
 }
 
 variable "batch_size" {
-  description = "--batch-size: images per inference batch on one GPU."
+  description = "--batch-size: images per inference batch on one GPU. null: embedpipe's GPU default (it sees --require-gpu and the worker_accelerator option)."
   type        = number
-  default     = 64
+  default     = null
 }
 
 variable "keep_runs" {
