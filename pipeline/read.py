@@ -32,6 +32,7 @@ from pipeline.formats.files import (
     ReadFileFn,
     is_glob,
     is_image_path,
+    list_local,
     relative_id,
     resolve_input,
 )
@@ -101,9 +102,9 @@ class InputSpec:
         for path in self.paths:
             fmt = self.format
             if fmt == "auto":
-                found = detect_format(path)
-                # A directory, or a glob of images, is a folder of image files.
-                fmt = found if found and not (os.path.isdir(path) and "://" not in path) else "files"
+                # Anything without a shard extension (a directory, a glob of images) is a folder of
+                # image files; a directory named like a shard (Spark's table.parquet/) holds such shards.
+                fmt = detect_format(path) or "files"
             out.append((path, fmt))
         return out
 
@@ -246,18 +247,23 @@ class _MatchShardsFn(beam.DoFn):
     def process(self, source: tuple[str, str]):
         pattern, fmt = source
         try:
-            found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-            is_dir = (os.path.isdir(pattern) if "://" not in pattern else not found) and not is_glob(pattern)
+            found, broken = _match(pattern)
+            is_dir = not is_glob(pattern) and (os.path.isdir(pattern) if "://" not in pattern else not found)
             if is_dir:
-                under = [m.path for m in FileSystems.match([f"{pattern.rstrip('/')}/**"])[0].metadata_list]
-                found = [path for path in under if matches_format(path, fmt)]
+                found, broken = _match(f"{pattern.rstrip('/')}/**")
+                found = [path for path in found if matches_format(path, fmt)]
         except Exception as exc:
             yield beam.pvalue.TaggedOutput(
                 "errors",
                 common.record_error(pattern, pattern, reasons.UNREADABLE, f"cannot list: {common.describe(exc)}"),
             )
             return
-        if not found:
+        for path, exc in broken:
+            yield beam.pvalue.TaggedOutput(
+                "errors",
+                common.record_error(relative_id(self._root, path), path, reasons.UNREADABLE, common.describe(exc)),
+            )
+        if not found and not broken:
             # Not a crash (the rest of the input is still read), but never an empty, silent success either.
             yield beam.pvalue.TaggedOutput(
                 "errors",
@@ -265,9 +271,21 @@ class _MatchShardsFn(beam.DoFn):
                     relative_id(self._root, pattern), pattern, reasons.UNREADABLE, f"no {fmt} shards match {pattern!r}"
                 ),
             )
-            return
         for path in found:
             yield path, fmt
+
+
+def _match(pattern: str) -> tuple[list[str], list[tuple[str, Exception]]]:
+    """(paths, [(path, error)]) of a pattern; locally, entries that cannot be stat'ed are not dropped."""
+    if "://" in pattern:
+        return [m.path for m in FileSystems.match([pattern])[0].metadata_list], []
+    found, broken = [], []
+    for entry in list_local(pattern):
+        if isinstance(entry, tuple):
+            broken.append(entry)
+        else:
+            found.append(entry.path)
+    return found, broken
 
 
 class _ReadShardFn(beam.DoFn):

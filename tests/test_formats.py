@@ -121,6 +121,9 @@ def test_input_spec_resolves_formats_and_the_id_root(tmp_path):
     assert InputSpec(paths="gs://b/x/*.parquet").root() == "gs://b/x"
     assert InputSpec(paths=("gs://b/x/a.tar", "gs://b/y/b.tar")).root() == "gs://b"
     assert InputSpec(paths=(f"{tmp_path}/shards",), format="urilist").sources() == [(f"{tmp_path}/shards", "urilist")]
+    (tmp_path / "table.parquet").mkdir()  # Spark writes a Parquet "file" as a directory of parts
+    assert InputSpec(paths=str(tmp_path / "table.parquet")).sources() == [(str(tmp_path / "table.parquet"), "parquet")]
+    assert InputSpec(paths=str(tmp_path / "table.parquet")).root() == str(tmp_path / "table.parquet")
 
 
 def test_input_spec_rejects_what_it_cannot_read():

@@ -8,12 +8,12 @@ path relative to the input root, unique by construction.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
+import re
 
 import apache_beam as beam
-from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import reasons, records
@@ -65,17 +65,31 @@ def relative_id(root: str, path: str) -> str:
     return rel.replace(os.sep, "/") if "://" not in rel else rel
 
 
-def _walk_local(pattern: str, root: str):
-    """Local listing that survives entries Beam's listing chokes on (broken links)."""
-    for dirpath, _, files in os.walk(root or "."):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not fnmatch.fnmatch(path, pattern.replace("**", "*")):
-                continue
-            try:
-                yield FileMetadata(path, os.path.getsize(path))
-            except OSError as exc:
-                yield path, exc
+def list_local(pattern: str):
+    """Beam's glob semantics on the local disk, without its silent skips.
+
+    Beam's local listing drops every entry it cannot stat (a broken link, a file
+    removed mid-listing); here such an entry comes back as (path, error) so that
+    the caller can make it an error row.
+    """
+    regex = re.compile(FileSystem.translate_pattern(pattern))
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:  # a literal path
+        candidates = [pattern] if os.path.lexists(pattern) and not os.path.isdir(pattern) else []
+    else:
+        top = os.path.dirname(prefix)
+        candidates = (
+            os.path.join(directory, name) if top else os.path.join(directory, name).removeprefix("./")
+            for directory, _, names in os.walk(top or ".")
+            for name in names
+        )
+    for path in candidates:
+        if not regex.match(path):
+            continue
+        try:
+            yield FileMetadata(path, os.path.getsize(path))
+        except OSError as exc:
+            yield path, exc
 
 
 class ListFilesFn(beam.DoFn):
@@ -85,15 +99,15 @@ class ListFilesFn(beam.DoFn):
         self._root = root
 
     def process(self, pattern: str):
-        try:
-            listing = FileSystems.match([pattern])[0].metadata_list
-        except Exception as exc:
-            if "://" in pattern:
+        if "://" in pattern:
+            try:
+                listing = FileSystems.match([pattern])[0].metadata_list
+            except Exception as exc:
                 raise RuntimeError(f"cannot list input {pattern!r}: {exc}") from exc
-            log.warning("Beam could not list %s (%s); listing entry by entry", pattern, exc)
-            listing = list(_walk_local(pattern, self._root))
+        else:
+            listing = list_local(pattern)
         for entry in listing:
-            if isinstance(entry, tuple):  # (path, error) from the tolerant local walk
+            if isinstance(entry, tuple):  # (path, error): there, but not readable
                 path, exc = entry
                 if is_image_path(path):
                     rid = relative_id(self._root, path)
