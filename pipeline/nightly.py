@@ -166,6 +166,10 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
         previous_files = parquet_files(f"{previous_dir}/embeddings")
         mode = "incremental"
 
+    beam_args = list(beam_args or [])
+    if not any(a == "--job_name" or a.startswith("--job_name=") for a in beam_args):
+        # A readable Dataflow job name per night (Beam's default is beamapp-<user>-<time>).
+        beam_args.append(f"--job_name=embedpipe-nightly-{run_id.lower().replace('_', '-')}")
     embed_cfg = dataclasses.replace(cfg.embed, output=run_dir)
     manifest = run_embed(
         embed_cfg,
