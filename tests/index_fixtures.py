@@ -7,11 +7,19 @@ to end test uses the real `build_index`.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import io
 import json
 import os
 import pathlib
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -185,6 +193,24 @@ def photo_index(
     )
 
 
+_SHARED: dict[int, tuple[str, dict[str, str]]] = {}
+
+
+def shared_photo_index(image_size: int = 32) -> tuple[str, dict[str, str]]:
+    """(index dir, id -> image path) of the sample photos, built once per test process and size.
+
+    Several test modules search the same small photo index; building it costs a
+    model build, so they share one (read-only) copy.
+    """
+    if image_size not in _SHARED:
+        base = pathlib.Path(tempfile.mkdtemp(prefix="embedpipe-photo-index-"))
+        atexit.register(shutil.rmtree, base, True)
+        files = photo_files(base / "images")
+        cfg = ModelConfig(image_size=image_size, weights="random", seed=0)
+        _SHARED[image_size] = (photo_index(base / "index", files, cfg), files)
+    return _SHARED[image_size]
+
+
 def png_bytes(img: Image.Image) -> bytes:
     """Encode as PNG."""
     buf = io.BytesIO()
@@ -224,3 +250,28 @@ class FakeRemoteFileSystem(LocalFileSystem):
 
     def mkdirs(self, path: str) -> None:
         os.makedirs(self._local(path), exist_ok=True)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run an ASGI app under a real uvicorn server on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one, no race with other tests
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -16,9 +16,8 @@ from index_fixtures import (
     clustered,
     exact_neighbours,
     model_config_dict,
-    photo_files,
-    photo_index,
     png_bytes,
+    shared_photo_index,
     swatch_jpeg,
     write_index_dir,
 )
@@ -244,11 +243,8 @@ def test_image_search_refused_without_a_matching_model(tmp_path, vectors):
 
 
 @pytest.fixture(scope="module")
-def photos_index(tmp_path_factory):
-    base = tmp_path_factory.mktemp("photos")
-    files = photo_files(base / "images")
-    cfg = ModelConfig(image_size=32, weights="random", seed=0)
-    return photo_index(base / "index", files, cfg), files
+def photos_index():
+    return shared_photo_index(32)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,83 @@
+"""`embedpipe query`: nearest neighbours of images or stored ids, as a table or JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import TextIO
+
+from pipeline.config import DEFAULT_MAX_PIXELS
+
+
+def add_query_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `query` subcommand (func=cmd_query) to the `embedpipe` parser."""
+    p = subparsers.add_parser(
+        "query",
+        help="nearest neighbours of images or ids in an index",
+        description="Search an index directory (the output of `embedpipe index`) by query images, which are "
+        "embedded with exactly the model the index records, or by ids already in the index (the item itself "
+        "is always hit 1). Scores: cosine similarity (higher is closer) or L2 distance (lower is closer).",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory (local, gs://, s3://)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", nargs="+", metavar="PATH", help="query image file(s) (any Beam filesystem)")
+    what.add_argument("--id", nargs="+", metavar="ID", help="id(s) of items in the index")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit and line instead of a table")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"query images with more pixels are refused (default {DEFAULT_MAX_PIXELS:,})",
+    )
+    p.set_defaults(func=cmd_query)
+    return p
+
+
+def _print_table(query: str, hits: list, metric: str, out: TextIO) -> None:
+    score_name = "cosine" if metric == "cosine" else "l2 dist"
+    print(f"query {query}", file=out)
+    id_width = max([len("id"), *(len(h.id) for h in hits)])
+    print(f"  {'rank':>4}  {score_name:>8}  {'id':<{id_width}}  uri", file=out)
+    for h in hits:
+        print(f"  {h.rank:>4}  {h.score:>8.4f}  {h.id:<{id_width}}  {h.uri}", file=out)
+    if not hits:
+        print("  (no results)", file=out)
+    print("", file=out)
+
+
+def cmd_query(args: argparse.Namespace, beam_args: list[str], out: TextIO | None = None) -> int:
+    """Run one `embedpipe query` (results to `out`, default stdout); errors: one line on stderr, exit code 2."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.index.search import QueryImageError, Searcher, UnknownIdError
+    from pipeline.model import WeightsUnavailableError
+
+    if args.k < 1:
+        print(f"embedpipe query: error: -k must be >= 1; got {args.k}", file=sys.stderr)
+        return 2
+    if beam_args:
+        # Filesystem credentials and settings (e.g. --s3_endpoint_url) for remote indexes and images.
+        FileSystems.set_options(PipelineOptions(beam_args))
+    try:
+        with Searcher.open(args.index, max_pixels=args.max_pixels) as searcher:
+            if args.image:
+                queries, results = args.image, searcher.search_images(args.image, k=args.k)
+            else:
+                queries, results = args.id, searcher.search_ids(args.id, k=args.k)
+            metric = searcher.meta["metric"]
+    except (ValueError, UnknownIdError, QueryImageError, WeightsUnavailableError) as exc:
+        print(f"embedpipe query: error: {exc}", file=sys.stderr)
+        return 2
+    out = out or sys.stdout
+    kind = "image" if args.image else "id"
+    for query, hits in zip(queries, results):
+        if args.json:
+            for h in hits:
+                print(json.dumps({"query": query, "query_type": kind, **dataclasses.asdict(h)}), file=out)
+        else:
+            _print_table(query, hits, metric, out)
+    return 0
