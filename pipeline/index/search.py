@@ -27,6 +27,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -166,7 +167,7 @@ class Searcher:
         self._model_check: tuple[ModelConfig | None, str | None] | None = None
         self._label_of: dict[str, int] | None = None
         self._direct_map_ready = False
-        self._thumb_groups: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._thumb_groups: collections.OrderedDict[int, pa.Array] = collections.OrderedDict()
 
         if index.d != meta["dim"] or index.ntotal != meta["ntotal"]:
             raise IndexFormatError(
@@ -283,7 +284,7 @@ class Searcher:
                     self._label_of = {value: i for i, value in enumerate(self._ids.to_pylist())}
         label = self._label_of.get(id)
         if label is None:
-            raise UnknownIdError(f"id {id!r} is not in the index at {self.index_dir}")
+            raise UnknownIdError(f"id {id!r} is not in the index")
         return label
 
     def thumbnail(self, id: str) -> bytes | None:
@@ -295,13 +296,14 @@ class Searcher:
         with self._lock:  # ParquetFile is not thread-safe; the cache is shared
             values = self._thumb_groups.get(group)
             if values is None:
-                values = self._ids_file.read_row_group(group, columns=["thumbnail"]).column(0).to_pylist()
+                # Kept as one Arrow array: one Python object per thumbnail served, not per row read.
+                values = self._ids_file.read_row_group(group, columns=["thumbnail"]).column(0).combine_chunks()
                 self._thumb_groups[group] = values
                 if len(self._thumb_groups) > _THUMB_CACHE_GROUPS:
                     self._thumb_groups.popitem(last=False)
             else:
                 self._thumb_groups.move_to_end(group)
-        return values[label - self._group_starts[group]]
+        return values[label - self._group_starts[group]].as_py()
 
     # ---- search ----------------------------------------------------------------------------------
 
