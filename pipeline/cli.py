@@ -39,13 +39,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
+    from pipeline.read import add_input_arguments
+
     p.add_argument(
         "--input",
         required=True,
-        help="directory, glob or comma-separated list of images or shards (local, gs://, s3://)",
+        help="directory, glob, or comma-separated list of image folders or shards: WebDataset tar, TFRecord, "
+        "Parquet with image bytes, URI lists (local, gs://, s3://; docs/INPUT_FORMATS.md)",
     )
     if output:
         p.add_argument("--output", required=True, help="output directory (embeddings/, errors/, manifest.json)")
+    add_input_arguments(p)
     _add_model_args(p)
     g = p.add_argument_group("execution")
     g.add_argument(
@@ -85,8 +89,10 @@ def _embed_config(args: argparse.Namespace) -> EmbedConfig:
         jit=args.jit,
     )
     threads = args.threads_per_worker
+    from pipeline.read import input_spec_from_args
+
     return EmbedConfig(
-        input=args.input,
+        input=input_spec_from_args(args),
         output=getattr(args, "output", None) or "",
         model=model,
         batch_size=args.batch_size,

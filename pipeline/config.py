@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # read.py imports Beam; config stays importable without it
+    from pipeline.read import InputSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EMBEDDING_DIM = 2048
@@ -71,7 +75,7 @@ class ModelConfig:
 class EmbedConfig:
     """Options of `embedpipe embed` that are not Beam pipeline options."""
 
-    input: str
+    input: str | InputSpec
     output: str
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     batch_size: int = 0  # 0: auto (CPU_BATCH_SIZE, or GPU_BATCH_SIZE when the job asks for GPUs)

@@ -27,8 +27,9 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, EmbedConfig
 from pipeline.decode import DecodeImages
+from pipeline.dedup import DedupIds
 from pipeline.embed import EmbedImages
-from pipeline.read import ReadImages
+from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
 from pipeline.records import embeddings_schema
 from pipeline.reuse import ReuseUnchanged
 from pipeline.write import WriteEmbeddings, WriteErrors
@@ -90,7 +91,7 @@ def build_embed_pipeline(
     unchanged images reuse their rows instead of being decoded and embedded.
     """
     p = beam.Pipeline(options=options)
-    schema = embeddings_schema(thumbnails=cfg.thumbnails)
+    schema = embeddings_schema(thumbnails=cfg.thumbnails, meta=carries_meta(cfg.input))
     read = p | "ReadImages" >> ReadImages(cfg.input, max_bytes=cfg.max_bytes)
     images, reused = read["images"], None
     if previous_files is not None:
@@ -114,8 +115,13 @@ def build_embed_pipeline(
     rows = embedded.embeddings
     if reused is not None:
         rows = (rows, reused) | "WithReused" >> beam.Flatten()
-    _ = rows | "WriteEmbeddings" >> WriteEmbeddings(embeddings_dir, schema)
     errors = (read["errors"], decoded.errors, embedded.errors) | "AllErrors" >> beam.Flatten()
+    if ids_may_repeat(cfg.input):
+        # Every image ends as exactly one row (embedded or error), so grouping the
+        # small rows by id sees every copy; image bytes are never shuffled.
+        kept = (rows, errors) | "DedupIds" >> DedupIds()
+        rows, errors = kept["embeddings"], kept["errors"]
+    _ = rows | "WriteEmbeddings" >> WriteEmbeddings(embeddings_dir, schema)
     _ = errors | "WriteErrors" >> WriteErrors(errors_dir)
     return p
 
@@ -159,7 +165,10 @@ def plan_embed(
         "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu),
         "pipeline_options": options.get_all_options(drop_default=True),
         "model": cfg.model.fingerprint(),
-        "embed_config": dataclasses.asdict(cfg),
+        "embed_config": {
+            **dataclasses.asdict(cfg),
+            "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
+        },
         "transforms": describe_pipeline(p),
     }
 
@@ -282,7 +291,7 @@ def run_embed(
     reused = _counter(result, "images_reused") or 0
     embedded = rows - reused
     manifest = {
-        "input": cfg.input,
+        "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
         "output": out,
         "model": fingerprint,
         "model_config": {

@@ -11,3 +11,5 @@ DECODE_ERROR = "decode_error"
 UNREADABLE = "unreadable"
 EMBED_ERROR = "embed_error"
 DUPLICATE_ID = "duplicate_id"
+TRUNCATED_SHARD = "truncated_shard"  # a shard ends or breaks part-way; the row says where; what follows is lost
+CORRUPT_RECORD = "corrupt_record"  # one record fails its checksum or does not parse; the shard goes on

@@ -13,8 +13,7 @@ from pipeline import records
 
 # Reason codes that only shard readers produce (the `error` column of errors/*.parquet).
 # They belong beside the others in pipeline/reasons.py; until they move there they live here.
-TRUNCATED_SHARD = "truncated_shard"  # a shard ends or breaks in the middle: what follows is lost
-CORRUPT_RECORD = "corrupt_record"  # one record fails its checksum or does not parse; the shard goes on
+from pipeline.reasons import CORRUPT_RECORD, TRUNCATED_SHARD  # noqa: F401 - re-exported for the readers
 
 STAGE = "read"
 
