@@ -78,8 +78,9 @@ def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     )
 
 
-def _embed_config(args: argparse.Namespace) -> EmbedConfig:
-    model = ModelConfig(
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig of parsed model arguments (see _add_model_args)."""
+    return ModelConfig(
         image_size=args.image_size,
         pooling=args.pooling,
         weights=args.weights,
@@ -88,6 +89,10 @@ def _embed_config(args: argparse.Namespace) -> EmbedConfig:
         precision=args.precision,
         jit=args.jit,
     )
+
+
+def _embed_config(args: argparse.Namespace) -> EmbedConfig:
+    model = model_config(args)
     threads = args.threads_per_worker
     from pipeline.read import input_spec_from_args
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from pipeline.config import EmbedConfig, ModelConfig
+from pipeline.config import EmbedConfig
 
 _BANNER = "!" * 78
 
 
 def run_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     """Make the sample corpus, embed it, print the summary."""
-    from pipeline.cli import print_summary
+    from pipeline.cli import model_config, print_summary
     from pipeline.job import run_embed
     from pipeline.model import WeightsUnavailableError
     from pipeline.sample import make_corpus
@@ -21,20 +22,12 @@ def run_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     corpus = os.path.join(args.output, "images")
     paths = make_corpus(corpus, count=args.count)
     print(f"embedpipe demo: wrote {len(paths)} sample files to {corpus} (3 of them deliberately broken)")
-    model = ModelConfig(
-        image_size=args.image_size,
-        pooling=args.pooling,
-        weights=args.weights,
-        seed=args.seed,
-        resize=args.resize,
-        precision=args.precision,
-        jit=args.jit,
-    )
+    model = model_config(args)
     if model.weights == "imagenet":
-        from pipeline.model import build_trunk
+        from pipeline.model import ensure_weights_available
 
         try:
-            build_trunk(model)
+            ensure_weights_available(model)
         except WeightsUnavailableError as exc:
             # The demo only: a production run never switches weights silently.
             print(
@@ -42,14 +35,7 @@ def run_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
                 f"meaningful; similar images will not be near each other.\n{_BANNER}\n",
                 file=sys.stderr,
             )
-            model = ModelConfig(
-                image_size=model.image_size,
-                pooling=model.pooling,
-                weights="random",
-                resize=model.resize,
-                precision=model.precision,
-                jit=model.jit,
-            )
+            model = dataclasses.replace(model, weights="random", seed=0)
     cfg = EmbedConfig(input=corpus, output=os.path.join(args.output, "out"), model=model)
     manifest = run_embed(cfg, beam_args, workers=args.workers)
     print_summary(manifest)
