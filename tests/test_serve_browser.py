@@ -61,13 +61,24 @@ class DevTools:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60):
+        """Poll until `expression` is truthy; return its value.
+
+        While a navigation swaps documents, evaluating can fail (no body yet,
+        context destroyed): that counts as "not yet", up to the deadline.
+        """
         deadline = time.monotonic() + timeout
+        last_error = None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as exc:
+                value, last_error = None, exc
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {expression}; page status: {self.evaluate(STATUS)!r}")
+        raise AssertionError(
+            f"timed out waiting for {expression}; last error {last_error}; page status: {self.evaluate(STATUS)!r}"
+        )
 
     def click(self, selector: str) -> None:
         """A real mouse click (press and release) in the middle of the element, scrolled into view."""
@@ -165,7 +176,7 @@ def test_upload_shows_a_grid_of_thumbnails_with_scores(server, tmp_path):
     with chromium() as tools:
         tools.send("Page.navigate", url=f"{url}/")
         stats_line = tools.wait_for(
-            "document.body.dataset.ready === '1' && document.querySelector('#stats').textContent"
+            "document.body?.dataset.ready === '1' && document.querySelector('#stats').textContent"
         )
         assert "12 images" in stats_line and "Flat" in stats_line
 
