@@ -21,7 +21,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*"]),
-    include_package_data=True,
+    package_data={"pipeline.serve": ["*.html"]},
     install_requires=requirements(),
     entry_points={"console_scripts": ["embedpipe = pipeline.cli:main"]},
 )
