@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nightly.set_defaults(func=cmd_nightly)
 
+    from pipeline.index.query_cli import add_query_parser
+    from pipeline.serve.cli import add_serve_parser
+
+    add_query_parser(sub)
+    add_serve_parser(sub)
+
     demo = sub.add_parser(
         "demo",
         help="embed a generated sample corpus (no network, no account)",
