@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 from index_fixtures import clustered, shared_photo_index, write_index_dir
 
-from pipeline.index.query_cli import add_query_parser
+from pipeline.cli import build_parser
 from pipeline.index.search import Searcher
 
 
 def _run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="embedpipe")
-    add_query_parser(parser.add_subparsers(dest="command", required=True))
-    args, rest = parser.parse_known_args(["query", *argv])
+    """`embedpipe query ...` in this process, through the real `embedpipe` parser."""
+    args, rest = build_parser().parse_known_args(["query", *argv])
     return args.func(args, rest)
 
 

@@ -29,11 +29,11 @@ from index_fixtures import (
 from PIL import Image
 
 from pipeline import reasons
+from pipeline.cli import build_parser
 from pipeline.config import ModelConfig
 from pipeline.index.search import Searcher
 from pipeline.sample import jpeg_bytes
 from pipeline.serve.app import create_app
-from pipeline.serve.cli import add_serve_parser
 
 MAX_UPLOAD = 300_000
 MAX_PIXELS = 200_000
@@ -256,20 +256,10 @@ def test_index_without_thumbnails(tmp_path):
         _error(httpx.get(f"{url}/thumbnail/item-00002"), 404, "no_thumbnail")
 
 
-_SERVE = (
-    "import argparse, sys\n"
-    "from pipeline.serve.cli import add_serve_parser\n"
-    "parser = argparse.ArgumentParser(prog='embedpipe')\n"
-    "add_serve_parser(parser.add_subparsers(dest='command', required=True))\n"
-    "args, rest = parser.parse_known_args()\n"
-    "sys.exit(args.func(args, rest))\n"
-)
-
-
 def test_serve_command_binds_loopback_and_stops_on_sigint(tmp_path):
     d = write_index_dir(tmp_path / "index", clustered(30, 8))
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, "serve", "--index", d, "--port", "0"],
+        [sys.executable, "-m", "pipeline", "serve", "--index", d, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -298,10 +288,8 @@ def test_serve_command_binds_loopback_and_stops_on_sigint(tmp_path):
     assert "image search is unavailable" in err  # the synthetic index has no model: said once, at start
 
 
-def _serve_args(*argv: str):
-    parser = argparse.ArgumentParser(prog="embedpipe")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["serve", *argv])
+def _serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
 
 
 def test_serve_command_errors(tmp_path, capsys):
