@@ -36,7 +36,26 @@ def run_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
                 file=sys.stderr,
             )
             model = dataclasses.replace(model, weights="random", seed=0)
-    cfg = EmbedConfig(input=corpus, output=os.path.join(args.output, "out"), model=model)
+    out = os.path.join(args.output, "out")
+    cfg = EmbedConfig(input=corpus, output=out, model=model, thumbnails=True)
     manifest = run_embed(cfg, beam_args, workers=args.workers)
     print_summary(manifest)
+
+    from pipeline.index.build import build_index
+    from pipeline.index.search import Searcher
+
+    info = build_index(out, os.path.join(out, "index"))
+    print(
+        f"\nembedpipe demo: index {info['index_type']} ({info['factory']}) of {info['ntotal']} vectors, "
+        f"recall@10 {info['recall_at_10']:.3f}, in {os.path.join(out, 'index')}"
+    )
+    query = sorted(p for p in paths if "/bad/" not in p.replace(os.sep, "/"))[0]
+    searcher = Searcher.open(os.path.join(out, "index"))
+    print(f"nearest neighbours of {query}:")
+    for hit in searcher.search_images([query], k=5)[0]:
+        print(f"  {hit.rank}. {hit.score:.4f}  {hit.id}")
+    print(
+        f"\nnext: embedpipe query --index {os.path.join(out, 'index')} --image {query}\n"
+        f"      embedpipe serve --index {os.path.join(out, 'index')}   (then open http://127.0.0.1:8000/)"
+    )
     return 0
