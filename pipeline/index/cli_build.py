@@ -1,0 +1,116 @@
+"""`embedpipe index`: argument parsing and the end-of-build summary; the work is in build / distributed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.index.auto import INDEX_TYPES
+
+log = logging.getLogger(__name__)
+
+
+def add_index_parser(subparsers) -> None:
+    """Add the `index` subcommand to the `embedpipe` parser's subparsers."""
+    p = subparsers.add_parser(
+        "index",
+        help="build a FAISS index of an embeddings dataset",
+        description="Stream OUTPUT/embeddings/*.parquet into a FAISS index sized for the corpus and write "
+        "DIR/index.faiss, DIR/ids.parquet and DIR/index.json (recall@10 measured against exact search). "
+        "With --distributed, any option not listed here is passed to Beam unchanged (--runner, ...).",
+    )
+    p.add_argument(
+        "--embeddings",
+        required=True,
+        help="output directory of `embedpipe embed` (holding embeddings/ and manifest.json), or its "
+        "embeddings/ folder; local, gs://, s3://",
+    )
+    p.add_argument("--output", required=True, help="index directory to create or replace (replaced only when whole)")
+    p.add_argument(
+        "--index",
+        default="auto",
+        metavar="TYPE",
+        help=f"auto (default: chosen from the vector count and --memory-budget, see docs/INDEX.md), "
+        f"{', '.join(INDEX_TYPES)}, or a raw FAISS factory string such as 'IVF1024,SQ8'",
+    )
+    p.add_argument(
+        "--metric",
+        choices=("cosine", "l2"),
+        default="cosine",
+        help="cosine (default: vectors L2-normalised, inner product) or l2 (squared Euclidean distance)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        default="4GB",
+        help="RAM the finished index may use, e.g. 4GB (10^9 bytes), 8GiB, 512MB (default 4GB); "
+        "decides what auto picks and the PQ code size",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="add the vectors file by file in a Beam pipeline and merge the shard indexes (IVF types; "
+        "flat and HNSW are built in one process)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="local worker processes for --distributed without --runner (default 1)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the training sample, the held-out queries and k-means (default 0)"
+    )
+    p.add_argument(
+        "--recall-target",
+        type=float,
+        default=0.95,
+        help="recall@10 that nprobe / efSearch are tuned to reach (default 0.95)",
+    )
+    p.set_defaults(func=cmd_index)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1000
+    return f"{n} B"
+
+
+def print_index_summary(meta: dict, output: str, out=sys.stdout) -> None:
+    """What was built, how good it is, how big, and where."""
+    params = ", ".join(f"{k}={v}" for k, v in meta["search_params"].items()) or "exact"
+    print("", file=out)
+    print(
+        f"embedpipe index: {meta['index_type']} ({meta['factory']}, {meta['metric']}) in {meta['build_seconds']:.1f}s",
+        file=out,
+    )
+    print(f"  vectors    {meta['ntotal']} x {meta['dim']}", file=out)
+    print(f"  recall@10  {meta['recall_at_10']:.3f} on {meta['recall_queries']} held-out queries ({params})", file=out)
+    print(f"  size       {_size(meta['bytes'])}", file=out)
+    print(f"  model      {meta['model']}", file=out)
+    print(f"  output     {output.rstrip('/')}/  (index.faiss, ids.parquet, index.json)", file=out)
+
+
+def cmd_index(args: argparse.Namespace, beam_args: list[str]) -> int:
+    """Run `embedpipe index`; returns the exit code."""
+    options = {
+        "index": args.index,
+        "metric": args.metric,
+        "memory_budget": args.memory_budget,
+        "seed": args.seed,
+        "recall_target": args.recall_target,
+    }
+    if args.distributed:
+        from pipeline.index.distributed import build_index_distributed
+
+        meta = build_index_distributed(
+            args.embeddings, args.output, beam_args=beam_args, workers=args.workers, **options
+        )
+    else:
+        if beam_args:
+            log.warning("ignoring %s: Beam options only apply with --distributed", " ".join(beam_args))
+        from pipeline.index.build import build_index
+
+        meta = build_index(args.embeddings, args.output, **options)
+    print_index_summary(meta, args.output)
+    return 0
