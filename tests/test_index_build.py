@@ -6,6 +6,7 @@ fast; one test builds at the model's real 2048 dims.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -298,3 +299,31 @@ def test_a_failure_mid_build_leaves_the_previous_index_whole(data64, tmp_path, m
     with pytest.raises(OSError, match=r"simulated"):
         build_index(root, str(fresh), index="ivf-flat")
     assert not (fresh / "index.json").exists()
+
+
+def test_cli_builds_and_prints_a_summary(data64, tmp_path, capsys):
+    from pipeline.index.cli_build import add_index_parser
+
+    parser = argparse.ArgumentParser(prog="embedpipe")
+    add_index_parser(parser.add_subparsers(dest="command"))
+    root, _ = data64
+    argv = ["index", "--embeddings", root, "--output", str(tmp_path / "ix"), "--index", "ivf-flat", "--seed", "1"]
+    args, beam_args = parser.parse_known_args(argv)
+    assert args.func(args, beam_args) == 0
+    text = capsys.readouterr().out
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert f"ivf-flat ({meta['factory']}, cosine)" in text
+    assert (
+        f"recall@10  {meta['recall_at_10']:.3f} on 300 held-out queries (nprobe={meta['search_params']['nprobe']})"
+        in text
+    )
+    assert "vectors    3000 x 64" in text and str(tmp_path / "ix") in text
+
+    args, beam_args = parser.parse_known_args([*argv[:4], str(tmp_path / "d"), "--distributed", "--index", "IVF8,Flat"])
+    assert args.func(args, beam_args) == 0
+    assert json.loads((tmp_path / "d" / "index.json").read_text())["factory"] == "IVF8,Flat"
+
+    index_parser = next(a for a in parser._actions if a.dest == "command").choices["index"]
+    options = {o for a in index_parser._actions for o in a.option_strings if a.dest != "help" and a.help}
+    assert options >= {"--embeddings", "--output", "--index", "--metric", "--memory-budget", "--distributed"}
+    assert options >= {"--workers", "--seed", "--recall-target"}, "every option has help text"
