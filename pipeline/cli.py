@@ -189,25 +189,6 @@ def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
-def cmd_index(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.index.build import build_index
-
-    info = build_index(
-        args.embeddings,
-        args.output,
-        index=args.index,
-        metric=args.metric,
-        memory_budget=args.memory_budget,
-        seed=args.seed,
-    )
-    print(f"embedpipe index: {info['index_type']} ({info['factory']}), {info['ntotal']} vectors x {info['dim']}")
-    print(
-        f"  recall@10 {info['recall_at_10']:.3f} on {info['recall_queries']} held-out queries; {info['search_params']}"
-    )
-    print(f"  {info['bytes']:,} bytes, built in {info['build_seconds']:.1f}s -> {args.output}")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipeline.demo import run_demo
 
@@ -256,24 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nightly.set_defaults(func=cmd_nightly)
 
-    index = sub.add_parser(
-        "index",
-        help="build a FAISS index from an embeddings dataset",
-        description="Stream OUTPUT/embeddings/*.parquet into a FAISS index sized for the corpus and write "
-        "index.faiss, ids.parquet and index.json (with recall@10 measured against exact search).",
-    )
-    index.add_argument("--embeddings", required=True, help="output of `embedpipe embed` (or its embeddings/ folder)")
-    index.add_argument("--output", required=True, help="index directory to write")
-    index.add_argument(
-        "--index",
-        default="auto",
-        help="auto (by corpus size and --memory-budget) | flat | ivf-flat | ivf-sq8 | ivf-pq | hnsw | FAISS factory",
-    )
-    index.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="default cosine")
-    index.add_argument("--memory-budget", default="4GB", help="memory the index may use (default 4GB)")
-    index.add_argument("--seed", type=int, default=0, help="seeds the training sample and held-out queries")
-    index.set_defaults(func=cmd_index)
+    from pipeline.index.cli_build import add_index_parser
 
+    add_index_parser(sub)
     from pipeline.index.query_cli import add_query_parser
     from pipeline.serve.cli import add_serve_parser
 
