@@ -76,8 +76,9 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def print_index_summary(meta: dict, output: str, out=sys.stdout) -> None:
+def print_index_summary(meta: dict, output: str, out=None) -> None:
     """What was built, how good it is, how big, and where."""
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives redirected streams
     params = ", ".join(f"{k}={v}" for k, v in meta["search_params"].items()) or "exact"
     print("", file=out)
     print(
