@@ -38,6 +38,7 @@ from pipeline.index.io import (
 log = logging.getLogger(__name__)
 
 K = 10  # recall@K is what index.json reports
+SELF_FIRST_MIN = 0.99  # share of tuning queries that must find themselves first
 METRICS = {"cosine": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 FORMAT_VERSION = 1
 
@@ -200,8 +201,13 @@ def prepare(ds: Dataset, *, index: str, metric: str, memory_budget: str | int, s
         faiss.normalize_L2(sample)
     queries = sample[np.searchsorted(needed, np.concatenate([eval_labels, tune_labels]))]
     if train_size:
-        train = sample[np.searchsorted(needed, np.sort(train_labels))]
-        del sample  # the training sample is the one big thing held beside the index
+        # Compact the training rows to the front of `sample` in place (each row moves only
+        # towards the front, after it is read): a copy would hold the biggest array twice.
+        rows = np.searchsorted(needed, np.sort(train_labels))
+        for i, row in enumerate(rows):
+            if i != row:
+                sample[i] = sample[row]
+        train = sample[: len(rows)]
         t0 = time.perf_counter()
         opq = _opq_of(built)
         if opq is not None:
@@ -266,8 +272,10 @@ def _measure(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, labels:
 
 def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, labels: np.ndarray, target: float) -> dict:
     """Smallest nprobe (IVF) or efSearch (HNSW) at which, on the tuning queries, recall@10 >= target
-    and every query (an indexed vector) finds itself first: search by id and near-duplicate
-    lookups rely on that, and HNSW can miss it at low efSearch even when recall looks fine.
+    and >= 99% of the queries (indexed vectors) find themselves first: search by id and
+    near-duplicate lookups rely on that, and HNSW can miss it at low efSearch while recall looks
+    fine. Not 100%: on clustered data a few HNSW nodes are reachable only at a huge efSearch
+    (measured: efSearch 1342 instead of 64 for 100k vectors, 10x slower, for 1 query in 500).
 
     If that is out of reach (e.g. PQ codes too coarse) it returns the smallest value within 0.005
     of the best recall seen, rather than paying for nprobe = nlist for nothing.
@@ -289,7 +297,7 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, labels: np.
             space.set_index_parameter(index, name, value)
             cache[value] = _measure(index, queries, truth, labels)
         recall, self_first = cache[value]
-        return recall >= target and self_first == 1.0
+        return recall >= target and self_first >= SELF_FIRST_MIN
 
     previous = floor - 1
     for value in candidates:
@@ -305,7 +313,7 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, labels: np.
         best = max(r for r, _ in cache.values())
         chosen = min(v for v in candidates if cache[v][0] >= best - 0.005)
         log.warning(
-            "index: recall@10 target %.2f (with every query finding itself) not reached; best recall %.3f, "
+            "index: recall@10 target %.2f (with 99%% of queries finding themselves) not reached; best recall %.3f, "
             "using %s=%d (self first for %.1f%%)", target, best, name, chosen, 100 * cache[chosen][1],
         )  # fmt: skip
     space.set_index_parameter(index, name, chosen)  # also stored inside index.faiss
@@ -333,7 +341,9 @@ def finish(
     _, truth_labels = truth.result()
     n_eval = len(prepared.eval_labels)
     eval_q, tune_q = prepared.queries[:n_eval], prepared.queries[n_eval:]
+    t_tune = time.perf_counter()
     params = tune(index, tune_q, truth_labels[n_eval:], prepared.tune_labels, recall_target)
+    log.info("index: tuned in %.1fs", time.perf_counter() - t_tune)
     recall, _ = _measure(index, eval_q, truth_labels[:n_eval], prepared.eval_labels)
     write_faiss(index, f"{staging}/index.faiss")
     meta = {
@@ -401,6 +411,7 @@ def build_index(
     try:
         truth = ExactNeighbours(prepared.queries, K + 1, prepared.faiss_metric)
         ids = IdsWriter(f"{staging}/ids.parquet", thumbnails=ds.has_thumbnails)
+        t_add = time.perf_counter()
         try:
             for shard in ds.shards:
                 for start, x, batch in iter_batches(shard, ds.dim, batch_rows, ("uri", "thumbnail")):
@@ -411,6 +422,7 @@ def build_index(
                     ids.write(batch, shard.offset + start)
         finally:
             ids.close()
+        log.info("index: added %d vectors in %.1fs", built.ntotal, time.perf_counter() - t_add)
         return finish(
             built,
             prepared,
