@@ -84,11 +84,14 @@ class EmbedConfig:
     draft: bool = True
     thumbnails: bool = False
     intra_op_threads: int = 0  # 0: TensorFlow decides
+    decode_threads: int = 0  # 0: one per CPU core of the worker
     progress_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 1 (or 0 for automatic); got {self.batch_size}")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 1 (or 0 for one per CPU core); got {self.decode_threads}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1; got {self.max_pixels}")
 

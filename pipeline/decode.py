@@ -41,8 +41,10 @@ class DecodeImages(beam.PTransform):
         max_pixels: int,
         draft: bool = True,
         thumbnails: bool = False,
+        threads: int = 0,
     ) -> None:
         super().__init__()
+        del threads  # wired next: a decode thread pool
         self._fn = _DecodeFn(size=size, resize=resize, max_pixels=max_pixels, draft=draft, thumbnails=thumbnails)
 
     def expand(self, images):

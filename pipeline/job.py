@@ -103,6 +103,7 @@ def build_embed_pipeline(
         max_pixels=cfg.max_pixels,
         draft=cfg.draft,
         thumbnails=cfg.thumbnails,
+        threads=cfg.decode_threads,
     )
     embedded = decoded.decoded | "EmbedImages" >> EmbedImages(
         cfg.model,
