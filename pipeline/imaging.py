@@ -15,7 +15,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipeline import reasons
 
@@ -26,6 +26,16 @@ THUMBNAIL_SIZE = 128
 # refuse some images first, with a different limit and message.
 Image.MAX_IMAGE_PIXELS = None
 _WHITE = (255, 255, 255)
+_T = Image.Transpose
+_TRANSPOSE = {
+    2: _T.FLIP_LEFT_RIGHT,
+    3: _T.ROTATE_180,
+    4: _T.FLIP_TOP_BOTTOM,
+    5: _T.TRANSPOSE,
+    6: _T.ROTATE_270,
+    7: _T.TRANSVERSE,
+    8: _T.ROTATE_90,
+}
 
 
 class DecodeError(Exception):
@@ -36,13 +46,20 @@ class DecodeError(Exception):
         self.reason = reason
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    w, h = img.size
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 when absent or unreadable)."""
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block must not fail an otherwise good image
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return 1
+    return orientation if orientation in _TRANSPOSE or orientation == 1 else 1
+
+
+def _oriented(img: Image.Image, orientation: int) -> Image.Image:
+    """Apply an EXIF orientation (what ImageOps.exif_transpose does, without parsing
+    the EXIF block a second time or copying the image when there is nothing to do)."""
+    method = _TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -104,7 +121,6 @@ def decode_image(
                     reasons.TOO_MANY_PIXELS,
                     f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (--max-pixels)",
                 )
-            width, height = _oriented_size(img)
             if draft and img.format == "JPEG":
                 # DCT scaling: decode straight to the smallest 1/2, 1/4 or 1/8 scale
                 # that still covers twice the target, then resample with reducing_gap.
@@ -115,9 +131,11 @@ def decode_image(
                 img.draft("RGB", (target, target))
             if getattr(img, "is_animated", False):
                 img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
             img.load()
+            # After load(): some formats (PNG eXIf after the pixel data) only know it then.
+            orientation = _orientation(img)
+            width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            img = _to_rgb(_oriented(img, orientation))
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
