@@ -35,7 +35,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "image_dataset_from_directory does); center-crop: scale the short side to S and cut the middle",
     )
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision (default fp32)")
-    g.add_argument("--jit", action="store_true", help="compile the model with XLA")
+    g.add_argument(
+        "--jit",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the model with XLA (default auto: on for CPU workers, off on GPUs)",
+    )
 
 
 def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
@@ -87,7 +92,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         seed=args.seed,
         resize=args.resize,
         precision=args.precision,
-        jit=args.jit,
+        jit={"auto": None, "on": True, "off": False}[args.jit],
     )
 
 

@@ -154,6 +154,20 @@ def build_model(cfg: ModelConfig) -> Any:
         keras.config.set_dtype_policy(previous)
 
 
+def use_xla(cfg: ModelConfig) -> bool:
+    """Whether to compile with XLA: as configured, or (auto) on CPU-only workers.
+
+    Auto is on for CPUs because it measured ~8% more img/s there (docs/BENCHMARKS.md);
+    it stays off on GPUs until measured there, and because XLA on GPU needs ptxas
+    from the CUDA toolkit in the worker image.
+    """
+    if cfg.jit is not None:
+        return cfg.jit
+    import tensorflow as tf
+
+    return not tf.config.list_physical_devices("GPU")
+
+
 class CompiledModel:
     """A model plus a traced inference function of one fixed batch shape.
 
@@ -169,7 +183,8 @@ class CompiledModel:
         self.keras_model = build_model(cfg)
         spec = tf.TensorSpec((batch_size, cfg.image_size, cfg.image_size, 3), tf.uint8)
         model = self.keras_model
-        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], jit_compile=cfg.jit)
+        self.jit = use_xla(cfg)
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], jit_compile=self.jit)
         self.traces = 0
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:

@@ -118,3 +118,13 @@ def test_model_built_once_per_process_across_stages_and_bundles():
     result.wait_until_finish()
     loads = result.metrics().query(MetricsFilter().with_name("model_loads"))["counters"]
     assert sum(c.committed for c in loads) == 1
+
+
+def test_xla_is_auto_on_for_cpu_and_gives_the_same_vectors():
+    x = batch(3, seed=5)
+    auto = CompiledModel(ModelConfig(weights="random", image_size=SIZE, seed=2), batch_size=3)
+    plain = CompiledModel(ModelConfig(weights="random", image_size=SIZE, seed=2, jit=False), batch_size=3)
+    assert auto.jit is True and plain.jit is False  # this machine has no GPU
+    a, b = auto(x), plain(x)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert ModelConfig(jit=True).fingerprint() == ModelConfig(jit=False).fingerprint()
