@@ -69,6 +69,12 @@ def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
         "--threads-per-worker", type=int, default=0, help="TensorFlow intra-op threads per worker (default: TF decides)"
     )
     g.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="image decoding threads per worker process (default 0: one per CPU core)",
+    )
+    g.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
@@ -111,6 +117,7 @@ def _embed_config(args: argparse.Namespace) -> EmbedConfig:
         draft=not args.no_draft,
         thumbnails=args.thumbnails,
         intra_op_threads=threads,
+        decode_threads=args.decode_threads,
     )
 
 
