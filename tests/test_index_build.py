@@ -18,7 +18,8 @@ import pytest
 
 from pipeline.index import build as build_module
 from pipeline.index.build import build_index
-from pipeline.index.io import write_embeddings
+from pipeline.index.io import scan_dataset, write_embeddings
+from pipeline.index.train import prepare
 from pipeline.records import embeddings_schema
 
 MODEL = "resnet50-notop/avg/64x64/squash/caffe-bgr/fp32/random-seed:0"
@@ -166,13 +167,11 @@ def test_real_dimension_thumbnails_and_row_groups(tmp_path):
 
 def test_training_sample_is_seeded_random_and_disjoint_from_the_eval_queries(data64):
     root, _ = data64
-    ds = build_module.scan_dataset(root)
+    ds = scan_dataset(root)
 
     def prepared(seed: int):
         # IVF4 needs only 200 training vectors, so the sample is a small part of the 3,000 rows
-        return build_module.prepare(
-            ds, index="IVF4,Flat", metric="cosine", memory_budget="4GB", seed=seed, batch_rows=256
-        )
+        return prepare(ds, index="IVF4,Flat", metric="cosine", memory_budget="4GB", seed=seed, batch_rows=256)
 
     a, again, other = prepared(5), prepared(5), prepared(6)
     assert a.train_size == len(a.train_labels) == 200
@@ -209,20 +208,21 @@ def test_nprobe_is_the_smallest_reaching_the_target(data64, tmp_path):
 
 def _write_file(path: str, vectors: np.ndarray, model: str, ids: list[str]) -> None:
     n, dim = vectors.shape
-    table = pa.table(
-        {
-            "id": ids,
-            "uri": [f"file:///{i}" for i in ids],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-            "content_sha256": ["0" * 64] * n,
-            "width": pa.array([1] * n, pa.int32()),
-            "height": pa.array([1] * n, pa.int32()),
-            "model": [model] * n,
-            "embedded_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-        },
-        schema=embeddings_schema(dim),
-    )
-    pq.write_table(table, path)
+    schema = embeddings_schema(dim)
+    columns = {
+        "id": ids,
+        "uri": [f"file:///{i}" for i in ids],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        "content_sha256": ["0" * 64] * n,
+        "width": pa.array([1] * n, pa.int32()),
+        "height": pa.array([1] * n, pa.int32()),
+        "model": [model] * n,
+        "embedded_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+    }
+    for field in schema:  # optional columns of the schema: null
+        if field.name not in columns and field.nullable:
+            columns[field.name] = pa.nulls(n, field.type)
+    pq.write_table(pa.table(columns, schema=schema), path)
 
 
 def test_mixed_fingerprints_are_refused_naming_both(tmp_path):

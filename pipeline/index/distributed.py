@@ -29,17 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline.index import auto
-from pipeline.index.build import (
-    METRICS,
-    ExactNeighbours,
-    K,
-    build_index,
-    finish,
-    ivf_of,
-    new_index,
-    prepare,
-    resolve_index,
-)
+from pipeline.index.build import build_index, finish, staged
 from pipeline.index.io import (
     Dataset,
     IdsWriter,
@@ -50,9 +40,10 @@ from pipeline.index.io import (
     read_faiss,
     remove_tree,
     scan_dataset,
-    staging_dir,
     write_faiss,
 )
+from pipeline.index.quality import ExactNeighbours, K
+from pipeline.index.train import METRICS, ivf_of, new_index, prepare, resolve_index
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +172,8 @@ def build_index_distributed(
             batch_rows=batch_rows,
         )
     prepared = prepare(ds, index=index, metric=metric, memory_budget=memory_budget, seed=seed, batch_rows=batch_rows)
-    staging = staging_dir(output)
-    work = f"{staging}/work"
-    try:
+    with staged(output) as staging:
+        work = f"{staging}/work"
         mkdirs(work)
         write_faiss(prepared.index, f"{work}/trained.faiss")
         _save_npz(f"{work}/queries.npz", queries=prepared.queries)
@@ -213,9 +203,6 @@ def build_index_distributed(
             started=started,
             recall_target=recall_target,
         )
-    except BaseException:
-        remove_tree(staging)
-        raise
 
 
 def _kind(index: str, ds: Dataset, memory_budget: str | int, metric: str) -> tuple[str | None, str]:

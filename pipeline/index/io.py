@@ -395,6 +395,9 @@ def write_embeddings(
         }
         if thumbnails is not None:
             columns["thumbnail"] = thumbnails[a:b]
+        for field in schema:  # optional columns this writer has no values for (e.g. source_marker)
+            if field.name not in columns and field.nullable:
+                columns[field.name] = pa.nulls(b - a, field.type)
         table = pa.Table.from_pydict(columns, schema=schema)
         with FileSystems.create(f"{out}/embeddings/part-{f:05d}-of-{files:05d}.parquet") as handle:
             pq.write_table(table, handle, row_group_size=2048)

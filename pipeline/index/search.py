@@ -5,9 +5,9 @@ An index directory (written by `embedpipe index`, see DESIGN.md) holds
 `index.json`. Scores follow the index metric: cosine similarity (higher is
 closer) for `cosine`, Euclidean distance (lower is closer) for `l2`.
 
-Query images are embedded with exactly the model the index was built from:
-`index.json` records its `model_config`, which must rebuild the recorded
-fingerprint, and they are decoded the way `embedpipe embed` decoded the corpus.
+Query images are embedded with exactly the model the index was built from
+(query_model.py): `index.json` records its `model_config`, which must rebuild the
+recorded fingerprint, and they are decoded the way `embedpipe embed` decoded the corpus.
 """
 
 from __future__ import annotations
@@ -15,39 +15,34 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
-from pipeline import reasons
 from pipeline.config import DEFAULT_MAX_PIXELS, ModelConfig
-from pipeline.imaging import DecodeError, decode_image
+from pipeline.index.loading import IndexFormatError, localise, read_index, read_meta
+from pipeline.index.query_model import ModelMismatchError, QueryImageError, QueryModel
+
+__all__ = [
+    "Hit",
+    "IndexFormatError",
+    "ModelMismatchError",
+    "QueryImageError",
+    "Searcher",
+    "UnknownIdError",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-INDEX_FILES = ("index.json", "index.faiss", "ids.parquet")
 _THUMB_CACHE_GROUPS = 8  # row groups of thumbnails kept decoded (~4096 rows each)
-
-
-class IndexFormatError(ValueError):
-    """The directory is not a readable index (missing file, wrong version, inconsistent parts)."""
-
-
-class ModelMismatchError(ValueError):
-    """Query images cannot be embedded with the model the index was built from."""
 
 
 class UnknownIdError(KeyError):
@@ -55,14 +50,6 @@ class UnknownIdError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
         return str(self.args[0]) if self.args else "unknown id"
-
-
-class QueryImageError(ValueError):
-    """A query image that cannot be embedded; `reason` is a code of pipeline.reasons."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,64 +61,6 @@ class Hit:
     score: float
     rank: int
     label: int
-
-
-def _localise(index_dir: str) -> tuple[str, str | None]:
-    """(local directory with the index files, temp dir to delete on close or None)."""
-    if FileSystems.get_scheme(index_dir) is None:
-        if not os.path.isdir(index_dir):
-            raise IndexFormatError(f"no index directory at {index_dir!r} (build one with `embedpipe index`)")
-        return index_dir, None
-    base = index_dir.rstrip("/")
-    tmp = tempfile.mkdtemp(prefix="embedpipe-index-")
-    try:
-        for name in INDEX_FILES:
-            src = f"{base}/{name}"
-            if not FileSystems.exists(src):
-                raise IndexFormatError(f"{src} does not exist: is {base} the output of `embedpipe index`?")
-            # FAISS and the memory map need a local file; copy in chunks, never whole in memory.
-            with (
-                FileSystems.open(src, compression_type="uncompressed") as handle,
-                open(os.path.join(tmp, name), "wb") as out,
-            ):
-                shutil.copyfileobj(handle, out, 16 << 20)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp, tmp
-
-
-def _read_meta(path: str) -> dict:
-    if not os.path.exists(path):
-        raise IndexFormatError(f"{path} is missing: is this the output of `embedpipe index`?")
-    with open(path, encoding="utf-8") as handle:
-        meta = json.load(handle)
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path} has format_version {version!r}; this embedpipe reads version {FORMAT_VERSION}. "
-            "Rebuild the index with this version, or use the embedpipe that built it."
-        )
-    missing = [key for key in ("metric", "dim", "ntotal", "model") if key not in meta]
-    if missing or meta["metric"] not in ("cosine", "l2"):
-        raise IndexFormatError(f"{path} lacks {missing} or has an unknown metric {meta.get('metric')!r}")
-    return meta
-
-
-def _read_index(path: str, *, mmap: bool) -> tuple[faiss.Index, bool]:
-    """(index, memory-mapped?): flat codes map with IO_FLAG_MMAP_IFC, inverted lists with IO_FLAG_MMAP."""
-    if not os.path.exists(path):
-        raise IndexFormatError(f"{path} is missing: is this the output of `embedpipe index`?")
-    if mmap:
-        for flag in (faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP):
-            try:
-                return faiss.read_index(path, flag), True
-            except RuntimeError:  # this index type cannot be mapped with this flag: try the next
-                continue
-    try:
-        return faiss.read_index(path), False
-    except RuntimeError as exc:
-        raise IndexFormatError(f"{path} is not a FAISS index: {exc}") from exc
 
 
 class Searcher:
@@ -162,9 +91,6 @@ class Searcher:
         self.batch_size = batch_size
         self._temp_dir = temp_dir
         self._lock = threading.Lock()
-        self._model_lock = threading.Lock()
-        self._model: Any = None
-        self._model_check: tuple[ModelConfig | None, str | None] | None = None
         self._label_of: dict[str, int] | None = None
         self._direct_map_ready = False
         self._thumb_groups: collections.OrderedDict[int, pa.Array] = collections.OrderedDict()
@@ -195,6 +121,13 @@ class Searcher:
         self._group_starts = list(
             np.cumsum([0] + [meta_rows.row_group(i).num_rows for i in range(meta_rows.num_row_groups)])[:-1]
         )
+        self.query_model = QueryModel(
+            meta,
+            index_dir=index_dir,
+            thumbnails=bool(meta.get("has_thumbnails", self.has_thumbnails)),
+            max_pixels=max_pixels,
+            batch_size=batch_size,
+        )
 
     @classmethod
     def open(
@@ -216,10 +149,10 @@ class Searcher:
             search_params: overrides of index.json's search_params, e.g. {"nprobe": 64}.
         """
         start = time.perf_counter()
-        local, temp_dir = _localise(index_dir)
+        local, temp_dir = localise(index_dir)
         try:
-            meta = _read_meta(os.path.join(local, "index.json"))
-            index, mapped = _read_index(os.path.join(local, "index.faiss"), mmap=mmap)
+            meta = read_meta(os.path.join(local, "index.json"))
+            index, mapped = read_index(os.path.join(local, "index.faiss"), mmap=mmap)
             params = {**(meta.get("search_params") or {}), **(search_params or {})}
             space = faiss.ParameterSpace()
             for name, value in params.items():
@@ -397,80 +330,22 @@ class Searcher:
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig that rebuilds the index's model; ModelMismatchError if there is none."""
-        if self._model_check is None:
-            self._model_check = self._check_model()
-        cfg, error = self._model_check
-        if error is not None:
-            raise ModelMismatchError(error)
-        assert cfg is not None
-        return cfg
-
-    def _check_model(self) -> tuple[ModelConfig | None, str | None]:
-        recorded = self.meta.get("model_config")
-        fingerprint = self.meta["model"]
-        if not recorded:
-            return None, (
-                f"the index at {self.index_dir} records no model_config (model {fingerprint}), so query images "
-                "cannot be embedded with the same model; search by id or by vector instead, or rebuild the "
-                "index from the output of `embedpipe embed` (its manifest.json records the model)"
-            )
-        try:
-            cfg = ModelConfig(**recorded)
-            rebuilt = cfg.fingerprint()
-        except Exception as exc:  # bad field, missing weights file, ...
-            return None, f"cannot rebuild the index's model from model_config {recorded}: {type(exc).__name__}: {exc}"
-        if rebuilt != fingerprint:
-            return None, (
-                f"refusing to embed query images: the index was built from model {fingerprint}, but its "
-                f"model_config rebuilds {rebuilt} (different weights file or settings); vectors of two models "
-                "are not comparable"
-            )
-        return cfg, None
-
-    def _embedder(self) -> Any:
-        cfg = self.model_config()
-        if self._model is None:
-            from pipeline.model import CompiledModel, configure_tensorflow
-
-            start = time.perf_counter()
-            configure_tensorflow()
-            self._model = CompiledModel(cfg, self.batch_size)
-            log.info("built model %s in %.1fs", cfg.fingerprint(), time.perf_counter() - start)
-        return self._model
+        return self.query_model.config()
 
     def warm(self) -> None:
         """Build the query model now (a few seconds) instead of on the first image query."""
-        cfg = self.model_config()
-        with self._model_lock:
-            self._embedder()(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8))
+        self.query_model.warm()
 
     def decode(self, data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
         """Query image bytes -> model input pixels, decoded exactly as `embedpipe embed` decodes.
 
         Raises QueryImageError with a reason code (pipeline.reasons) for bad images.
         """
-        cfg = self.model_config()
-        try:
-            pixels, _, _, _ = decode_image(
-                bytes(data),
-                size=cfg.image_size,
-                resize=cfg.resize,
-                max_pixels=max_pixels or self.max_pixels,
-                draft=True,
-                # The JPEG draft scale depends on whether a thumbnail was made; match the embed run.
-                thumbnail=bool(self.meta.get("has_thumbnails", self.has_thumbnails)),
-            )
-        except DecodeError as exc:
-            raise QueryImageError(exc.reason, str(exc)) from exc
-        return pixels
+        return self.query_model.decode(data, max_pixels=max_pixels)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, dim) with the index's model."""
-        with self._model_lock:  # one model call at a time: TF already uses every core
-            model = self._embedder()
-            return np.concatenate(
-                [model(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
-            )
+        return self.query_model.embed(pixels)
 
     def search_images(
         self, images: Sequence[str | bytes], k: int = 10, *, max_pixels: int | None = None
@@ -482,18 +357,10 @@ class Searcher:
         model cannot be rebuilt.
         """
         k = self._check_k(k)
-        self.model_config()  # refuse before reading anything
-        batch = []
-        for i, image in enumerate(images):
-            name = image if isinstance(image, str) else f"#{i + 1} ({len(image)} bytes)"
-            data = _read_path(image) if isinstance(image, str) else image
-            try:
-                batch.append(self.decode(data, max_pixels=max_pixels))
-            except QueryImageError as exc:
-                raise QueryImageError(exc.reason, f"query image {name}: {exc}") from exc
-        if not batch:
+        pixels = self.query_model.pixels_of(images, max_pixels=max_pixels)
+        if pixels is None:
             return []
-        return self.search_vectors(self.embed_pixels(np.stack(batch)), k)
+        return self.search_vectors(self.embed_pixels(pixels), k)
 
     def stats(self) -> dict:
         """What the index is: size, model, type, build facts, and whether image queries work."""
@@ -503,11 +370,7 @@ class Searcher:
             "embedpipe_version",
         )  # fmt: skip
         out = {key: self.meta.get(key) for key in keys}
-        try:
-            self.model_config()
-            image_error = None
-        except ModelMismatchError as exc:
-            image_error = str(exc)
+        image_error = self.query_model.error()
         out.update(
             index_dir=self.index_dir,
             ntotal=self.ntotal,
@@ -518,11 +381,3 @@ class Searcher:
             image_search_error=image_error,
         )
         return out
-
-
-def _read_path(path: str) -> bytes:
-    try:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            return handle.read()
-    except Exception as exc:  # missing file, unknown scheme, permissions: the query's problem
-        raise QueryImageError(reasons.UNREADABLE, f"query image {path}: cannot read it ({exc})") from exc
