@@ -31,7 +31,7 @@ from pipeline.dedup import DedupIds
 from pipeline.embed import EmbedImages
 from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
 from pipeline.records import embeddings_schema
-from pipeline.reuse import ReuseUnchanged
+from pipeline.reuse import PreviousKeys, ReuseUnchanged
 from pipeline.write import WriteEmbeddings, WriteErrors
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,28 @@ def build_embed_pipeline(
     embedded_at: datetime.datetime,
     require_gpu: bool = False,
     previous_files: list[str] | None = None,
+    verify_content: bool = False,
 ) -> beam.Pipeline:
     """The pipeline (not yet run): read -> decode -> embed -> Parquet, with every error kept.
 
     With `previous_files` (a previous run's embeddings made by the same model),
-    unchanged images reuse their rows instead of being decoded and embedded.
+    unchanged images reuse their rows instead of being decoded and embedded. Files
+    whose change marker (size + mtime) is the previous row's are not even read,
+    unless `verify_content`, which reads and hashes every file (markers are still
+    recorded, for nights that trust them).
     """
     p = beam.Pipeline(options=options)
     schema = embeddings_schema(thumbnails=cfg.thumbnails, meta=carries_meta(cfg.input))
-    read = p | "ReadImages" >> ReadImages(cfg.input, max_bytes=cfg.max_bytes)
-    images, reused = read["images"], None
+    previous = None
     if previous_files is not None:
-        split = images | "ReuseUnchanged" >> ReuseUnchanged(previous_files, schema.names)
+        previous = p | "PreviousKeys" >> PreviousKeys(previous_files)
+    markers = previous["markers"] if previous is not None and not verify_content else None
+    read = p | "ReadImages" >> ReadImages(cfg.input, max_bytes=cfg.max_bytes, previous_markers=markers)
+    images, reused = read["images"], None
+    if previous is not None:
+        split = images | "ReuseUnchanged" >> ReuseUnchanged(
+            previous_files, schema.names, previous_shas=previous["shas"], unchanged=read.get("unchanged")
+        )
         images, reused = split["changed"], split["reused"]
     decoded = images | "DecodeImages" >> DecodeImages(
         size=cfg.model.image_size,
@@ -248,6 +258,7 @@ def run_embed(
     workers: int = 1,
     require_gpu: bool = False,
     previous_files: list[str] | None = None,
+    verify_content: bool = False,
     preflight: bool = True,
 ) -> dict:
     """Run the embedding job to completion and return its manifest (also written to OUTPUT).
@@ -258,6 +269,7 @@ def run_embed(
         workers: local worker processes (local runners only).
         require_gpu: workers fail at start-up without a GPU.
         previous_files: embeddings files of a previous run by the same model, to reuse.
+        verify_content: read and hash every file even where its change marker is unchanged.
         preflight: check the weights in the driver before starting (local runners).
     """
     options = pipeline_options(list(beam_args or []), workers=workers)
@@ -279,6 +291,7 @@ def run_embed(
         embedded_at=embedded_at,
         require_gpu=require_gpu,
         previous_files=previous_files,
+        verify_content=verify_content,
     )
     log.info("embedpipe: running on %s (%d worker process(es))", options.view_as(StandardOptions).runner, workers)
     result = p.run()
@@ -291,6 +304,10 @@ def run_embed(
     seen = _counter(result, "images_seen")
     reused = _counter(result, "images_reused") or 0
     embedded = rows - reused
+    counts = {"seen": seen, "embedded": embedded, "reused": reused, "failed": failed}
+    if previous_files is not None:
+        # Of the reused images, how many were not even read (change marker unchanged).
+        counts["reused_by_marker"] = _counter(result, "images_reused_by_marker") or 0
     manifest = {
         "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
         "output": out,
@@ -307,7 +324,7 @@ def run_embed(
         "thumbnails": cfg.thumbnails,
         "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu),
         "embedded_at": embedded_at.isoformat(),
-        "counts": {"seen": seen, "embedded": embedded, "reused": reused, "failed": failed},
+        "counts": counts,
         "failed_by_reason": reasons,
         "model_loads": _counter(result, "model_loads"),
         "runner": options.view_as(StandardOptions).runner,

@@ -47,6 +47,9 @@ class NightlyConfig:
     recall_floor: float = 0.9
     workers: int = 1
     require_gpu: bool = False
+    # Read and hash every file even when its change marker (size + mtime) is unchanged: for
+    # sources whose mtimes can't be trusted (docs/DESIGN-NOTES.md, "Change markers").
+    verify_content: bool = False
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
@@ -112,6 +115,8 @@ def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str
     c = manifest["counts"]
     if c["seen"] is None or c["seen"] != c["embedded"] + c["reused"] + c["failed"]:
         raise ValidationError(f"counts do not add up: {c}")
+    if not 0 <= c.get("reused_by_marker", 0) <= c["reused"]:
+        raise ValidationError(f"reused_by_marker is not part of reused: {c}")
     rows = 0
     for path in parquet_files(f"{run_dir}/embeddings"):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
@@ -177,6 +182,7 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
         workers=cfg.workers,
         require_gpu=cfg.require_gpu,
         previous_files=previous_files,
+        verify_content=cfg.verify_content,
         preflight=False,  # a night with nothing to embed must not import TensorFlow
     )
     deleted = 0
@@ -184,6 +190,7 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
         now = _ids(f"{run_dir}/embeddings") | _ids(f"{run_dir}/errors")
         deleted = len(_ids(f"{previous_dir}/embeddings") - now)
     manifest["counts"]["deleted"] = deleted
+    manifest["counts"].setdefault("reused_by_marker", 0)  # a full run reuses nothing
 
     index_info = build_index(
         run_dir, f"{run_dir}/index", index=cfg.index, metric=cfg.metric, memory_budget=cfg.memory_budget
@@ -198,6 +205,7 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
     manifest.update(
         run_id=run_id,
         mode=mode,
+        verify_content=cfg.verify_content,
         previous_run=latest,
         index={
             k: index_info.get(k) for k in ("index_type", "factory", "ntotal", "recall_at_10", "search_params", "bytes")

@@ -14,6 +14,10 @@ list (never the image bytes) is reshuffled over the workers, and each shard is
 read as a stream (one reader per format in formats/*.py, driven by the DoFns of
 formats/shards.py), so memory stays at a few records whatever the shard size.
 Damage in a shard becomes error rows; the rest of the corpus goes on.
+
+On a nightly rerun, `files` inputs are filtered right after the listing: a file
+whose change marker (size + mtime) equals the previous run's is not read at all
+(pipeline/reuse.py). Shards are always read; their images are matched by sha256.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pipeline.formats import FORMATS, META_FORMATS, detect_format
 from pipeline.formats.files import ListFilesFn, ReadFileFn, is_glob, is_image_path, relative_id, resolve_input
 from pipeline.formats.shards import CountFn, MatchShardsFn, ReadShardFn, ReadUriFn
 from pipeline.formats.tfrecord import COMPRESSIONS
+from pipeline.reuse import SkipUnchangedFn
 
 __all__ = [
     "FORMATS",
@@ -226,28 +231,47 @@ class ReadImages(beam.PTransform):
     """An input spec -> SourceImage ("images") + read error rows ("errors").
 
     Counts every record it hands on in the Beam counter embedpipe/images_seen (the
-    job checks seen == embedded + failed before it publishes).
+    job checks seen == embedded + reused + failed before it publishes).
+
+    Args:
+        spec: what to read.
+        max_bytes: files and records above this size become `too_large` error rows.
+        previous_markers: the previous run's (id, source_marker) pairs (reuse.PreviousKeys), or
+            None. With them, listed files whose change marker is unchanged are not read at all:
+            they go to output "unchanged" as (id, marker) (counted as seen) instead of "images".
+            Shard formats have no per-image marker and are always read.
     """
 
-    def __init__(self, spec: str | InputSpec, *, max_bytes: int) -> None:
+    def __init__(
+        self, spec: str | InputSpec, *, max_bytes: int, previous_markers: beam.PCollection | None = None
+    ) -> None:
         super().__init__()
         self._spec = InputSpec.of(spec)
         self._root = self._spec.root()
         self._max_bytes = max_bytes
+        self._previous_markers = previous_markers
 
     def expand(self, pbegin):
         sources = self._spec.sources()
         file_patterns = [resolve_input(path)[1] for path, fmt in sources if fmt == "files"]
         shard_sources = [(path, fmt) for path, fmt in sources if fmt != "files"]
-        images, errors = [], []
+        images, errors, outputs = [], [], {}
         if file_patterns:
             listed = (
                 pbegin
                 | "InputPattern" >> beam.Create(file_patterns)
                 | "ListFiles" >> beam.ParDo(ListFilesFn(self._root)).with_outputs("errors", main="files")
             )
+            files = listed.files
+            if self._previous_markers is not None:
+                # Before the reshuffle and the read: an unchanged file costs one listing entry, no I/O.
+                skipped = files | "SkipUnchangedFiles" >> beam.ParDo(
+                    SkipUnchangedFn(self._root), beam.pvalue.AsDict(self._previous_markers)
+                ).with_outputs("unchanged", main="files")
+                files = skipped.files
+                outputs["unchanged"] = skipped.unchanged | "CountUnchanged" >> beam.ParDo(CountFn("images_seen"))
             read = (
-                listed.files
+                files
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadFiles"
                 >> beam.ParDo(ReadFileFn(self._root, self._max_bytes)).with_outputs("errors", main="images")
@@ -286,4 +310,4 @@ class ReadImages(beam.PTransform):
             | "ReadErrors" >> beam.Flatten()
             | "CountErrors" >> beam.ParDo(CountFn("images_seen", "images_failed_read"))
         )
-        return {"images": all_images, "errors": all_errors}
+        return {"images": all_images, "errors": all_errors, **outputs}

@@ -19,6 +19,9 @@ class SourceImage:
     uri: str
     data: bytes
     meta: str | None = None
+    # The source's change marker at listing time (formats.files.change_marker), None where the
+    # source has none we trust; it is written with the row so that the next night can skip the file.
+    marker: str | None = None
 
 
 @dataclasses.dataclass
@@ -33,6 +36,7 @@ class DecodedImage:
     height: int
     meta: str | None = None
     thumbnail: bytes | None = None
+    marker: str | None = None  # SourceImage.marker, carried to the embedding row
 
 
 def embeddings_schema(dim: int = EMBEDDING_DIM, *, thumbnails: bool = False, meta: bool = False) -> pa.Schema:
@@ -46,6 +50,8 @@ def embeddings_schema(dim: int = EMBEDDING_DIM, *, thumbnails: bool = False, met
         pa.field("height", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
         pa.field("embedded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # Change marker of the source file when its bytes were read (null: none, read it next time).
+        pa.field("source_marker", pa.string()),
     ]
     if meta:
         fields.append(pa.field("meta", pa.string()))
@@ -92,6 +98,8 @@ def embedding_row(image: DecodedImage, vector: np.ndarray, model: str, embedded_
     }
     if image.meta is not None:
         row["meta"] = image.meta
+    if image.marker is not None:
+        row["source_marker"] = image.marker
     if image.thumbnail is not None:
         row["thumbnail"] = image.thumbnail
     return row

@@ -1,11 +1,19 @@
 """ReuseUnchanged: carry forward the previous run's embedding of every unchanged image.
 
-An image is unchanged when its id and content sha256 match a row of the previous
-run (which was made with the same model fingerprint; the caller checks that).
+An image is unchanged when its id matches a row of the previous run (which was
+made with the same model fingerprint; the caller checks that) and either
+
+- its change marker matches the row's `source_marker` (files only: size and
+  modification time from the listing, see formats/files.py): the file is not
+  even opened, `SkipUnchangedFn` routes it away right after the listing; or
+- its content sha256 matches the row's `content_sha256` (every format, and
+  files whose marker differs or is missing, e.g. touched but identical).
+
 Unchanged images are never decoded or embedded; their previous rows (vector,
-embedded_at, ...) are copied verbatim. Nothing large is shuffled: the previous
-run's (id -> sha256) map and the set of reused ids travel as side inputs
-(~100 bytes per image), and the previous rows are streamed from their Parquet
+embedded_at, ...) are copied verbatim, except `source_marker`, which becomes the
+file's current marker. Nothing large is shuffled: the previous run's (id -> sha256)
+and (id -> marker) maps and the map of reused ids travel as side inputs (~100
+bytes per image each), and the previous rows are streamed from their Parquet
 files and filtered.
 """
 
@@ -15,50 +23,120 @@ import hashlib
 
 import apache_beam as beam
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline.formats.files import change_marker, relative_id
 from pipeline.records import SourceImage
+
+MARKER_COLUMN = "source_marker"
 
 
 class _ReadKeysFn(beam.DoFn):
-    """A previous embeddings file -> (id, content_sha256) pairs."""
+    """A previous embeddings file -> (id, sha256), and (id, marker) on "markers" where the row has one."""
 
     def process(self, path: str):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
-            table = pq.read_table(handle, columns=["id", "content_sha256"])
-        yield from zip(table.column("id").to_pylist(), table.column("content_sha256").to_pylist(), strict=True)
+            parquet = pq.ParquetFile(handle)
+            # Runs made before markers existed have no marker column: their files are read and hashed.
+            has_marker = MARKER_COLUMN in parquet.schema_arrow.names
+            columns = ["id", "content_sha256", MARKER_COLUMN] if has_marker else ["id", "content_sha256"]
+            table = parquet.read(columns=columns)
+        ids = table.column("id").to_pylist()
+        yield from zip(ids, table.column("content_sha256").to_pylist(), strict=True)
+        if has_marker:
+            for rid, marker in zip(ids, table.column(MARKER_COLUMN).to_pylist(), strict=True):
+                if marker is not None:
+                    yield beam.pvalue.TaggedOutput("markers", (rid, marker))
+
+
+class PreviousKeys(beam.PTransform):
+    """The previous run's embeddings files -> {"shas": (id, sha256), "markers": (id, source_marker)}.
+
+    Only the small key columns are read; "markers" holds only rows that have a marker.
+    """
+
+    def __init__(self, previous_files: list[str]) -> None:
+        super().__init__()
+        self._files = list(previous_files)
+
+    def expand(self, pbegin):
+        keys = (
+            pbegin
+            | "PreviousFiles" >> beam.Create(self._files)
+            | "ReadKeys" >> beam.ParDo(_ReadKeysFn()).with_outputs("markers", main="shas")
+        )
+        return {"shas": keys.shas, "markers": keys.markers}
+
+
+class SkipUnchangedFn(beam.DoFn):
+    """FileMetadata -> itself (to be read), or (id, marker) on output "unchanged" when its marker is the previous row's.
+
+    Runs on the listing, before any byte of the file is read. Side input: the previous
+    run's (id -> source_marker) map.
+    """
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+
+    def setup(self) -> None:
+        self._reused = Metrics.counter("embedpipe", "images_reused")
+        self._by_marker = Metrics.counter("embedpipe", "images_reused_by_marker")
+
+    def process(self, meta: FileMetadata, previous: dict):
+        rid = relative_id(self._root, meta.path)
+        old = previous.get(rid)
+        if old is not None and old == change_marker(meta):
+            self._reused.inc()
+            self._by_marker.inc()
+            yield beam.pvalue.TaggedOutput("unchanged", (rid, old))
+        else:
+            yield meta
 
 
 class _SplitFn(beam.DoFn):
-    """SourceImage -> itself (changed or new) or (id, sha) on output "reuse" (unchanged)."""
+    """SourceImage -> itself (changed or new) or (id, (sha, marker)) on output "reuse" (unchanged)."""
 
-    def __init__(self) -> None:
+    def setup(self) -> None:
         self._reused = Metrics.counter("embedpipe", "images_reused")
 
     def process(self, image: SourceImage, previous: dict):
         old = previous.get(image.id)
         if old is not None and old == hashlib.sha256(image.data).hexdigest():
             self._reused.inc()
-            yield beam.pvalue.TaggedOutput("reuse", (image.id, old))
+            # The row keeps the file's current marker (a touched file gets its new mtime), so
+            # that the next night skips it without reading.
+            yield beam.pvalue.TaggedOutput("reuse", (image.id, (old, image.marker)))
         else:
             yield image
 
 
 class _ReadRowsFn(beam.DoFn):
-    """A previous embeddings file -> its rows whose (id, sha) is in the reuse map."""
+    """A previous embeddings file -> its rows that are reused, each with the file's current marker.
+
+    Side input: id -> (sha256 or None, marker). A row is kept when its id is there and its
+    sha256 (hash reuse) or its marker (marker reuse, sha None) is the one the claim was made on.
+    """
 
     def __init__(self, columns: list[str]) -> None:
-        self._columns = columns
+        self._columns = list(columns)
 
     def process(self, path: str, reuse: dict):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             parquet = pq.ParquetFile(handle)
-            names = [c for c in self._columns if c in parquet.schema_arrow.names]
+            present = parquet.schema_arrow.names
+            names = [c for c in self._columns if c in present]
+            has_marker = MARKER_COLUMN in present
             for batch in parquet.iter_batches(batch_size=1024, columns=names):
                 ids = batch.column("id").to_pylist()
                 shas = batch.column("content_sha256").to_pylist()
-                keep = [i for i, (k, s) in enumerate(zip(ids, shas, strict=True)) if reuse.get(k) == s]
+                markers = batch.column(MARKER_COLUMN).to_pylist() if has_marker else [None] * len(ids)
+                keep = []
+                for i, rid in enumerate(ids):
+                    claim = reuse.get(rid)
+                    if claim is not None and (claim[0] == shas[i] if claim[0] is not None else claim[1] == markers[i]):
+                        keep.append(i)
                 if not keep:
                     continue
                 vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
@@ -67,6 +145,7 @@ class _ReadRowsFn(beam.DoFn):
                 for i in keep:
                     row = {n: others[n][i] for n in others}
                     row["embedding"] = vectors[i * dim : (i + 1) * dim]
+                    row[MARKER_COLUMN] = reuse[ids[i]][1]
                     yield row
 
 
@@ -76,19 +155,34 @@ class ReuseUnchanged(beam.PTransform):
     Args:
         previous_files: the previous run's embeddings Parquet files (may be empty).
         columns: the embeddings columns to carry (the current run's schema names).
+        previous_shas: the previous run's (id, sha256) pairs (PreviousKeys()["shas"]).
+        unchanged: (id, marker) of files ReadImages skipped because their marker was unchanged
+            (ReadImages(...)["unchanged"]), or None; their rows are carried forward too.
     """
 
-    def __init__(self, previous_files: list[str], columns: list[str]) -> None:
+    def __init__(
+        self,
+        previous_files: list[str],
+        columns: list[str],
+        *,
+        previous_shas: beam.PCollection,
+        unchanged: beam.PCollection | None = None,
+    ) -> None:
         super().__init__()
         self._files = list(previous_files)
         self._columns = list(columns)
+        self._shas = previous_shas
+        self._unchanged = unchanged
 
     def expand(self, images):
         p = images.pipeline
-        files = p | "PreviousFiles" >> beam.Create(self._files)
-        keys = files | "PreviousKeys" >> beam.ParDo(_ReadKeysFn())
-        split = images | "SplitUnchanged" >> beam.ParDo(_SplitFn(), beam.pvalue.AsDict(keys)).with_outputs(
+        split = images | "SplitUnchanged" >> beam.ParDo(_SplitFn(), beam.pvalue.AsDict(self._shas)).with_outputs(
             "reuse", main="changed"
         )
-        reused = files | "CarryForward" >> beam.ParDo(_ReadRowsFn(self._columns), beam.pvalue.AsDict(split.reuse))
+        claims = split.reuse
+        if self._unchanged is not None:
+            by_marker = self._unchanged | "MarkerClaims" >> beam.Map(lambda kv: (kv[0], (None, kv[1])))
+            claims = (claims, by_marker) | "AllClaims" >> beam.Flatten()
+        files = p | "PreviousFiles" >> beam.Create(self._files)
+        reused = files | "CarryForward" >> beam.ParDo(_ReadRowsFn(self._columns), beam.pvalue.AsDict(claims))
         return {"changed": split.changed, "reused": reused}

@@ -4,6 +4,12 @@ Files are listed and read through Beam's `FileSystems`, so local paths, gs://
 and s3:// take the same code path. Listing happens on a worker (not at pipeline
 construction), then a reshuffle spreads the files over all workers. Ids are the
 path relative to the input root, unique by construction.
+
+Every listed file has a change marker (`change_marker`: size and last-modified
+time, from the listing's `FileMetadata`, the same on local disks and gs://). A
+nightly run compares it with the marker stored with the previous run's row and
+skips reading files whose marker is unchanged (pipeline/reuse.py; when that is
+safe: docs/DESIGN-NOTES.md, "Change markers").
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 
 import apache_beam as beam
 from apache_beam.io.filesystem import FileMetadata, FileSystem
@@ -24,6 +31,11 @@ from pipeline.records import SourceImage
 log = logging.getLogger(__name__)
 
 GLOB_CHARS = "*?["
+
+# A file modified less than this long before its bytes were read gets no marker: a later
+# rewrite could land in the same timestamp tick (FAT keeps 2 s, HFS+ 1 s, ext4/XFS a kernel
+# tick) with the same size and look unchanged. Such a file is read again next night.
+RACY_SECONDS = 2.0
 
 
 def is_image_path(path: str) -> bool:
@@ -87,13 +99,47 @@ def list_local(pattern: str):
         if not regex.match(path):
             continue
         try:
-            yield FileMetadata(path, os.path.getsize(path))
+            st = os.stat(path)  # follows links, as Beam's own listing does
         except OSError as exc:
             yield path, exc
+            continue
+        # Beam's LocalFileSystem fills the same fields the same way (size, getmtime).
+        yield FileMetadata(path, st.st_size, st.st_mtime)
+
+
+def change_marker(meta: FileMetadata) -> str | None:
+    """`size=N;mtime=T` of a listed file, or None when its filesystem gives no modification time.
+
+    Compared only for equality with the marker stored with the previous run's row: a file
+    whose marker is unchanged is not read again. `T` is the listing's float seconds
+    (local mtime; the object's `updated` time on gs://), written with repr so it
+    round-trips exactly through the Parquet string column.
+    """
+    mtime = meta.last_updated_in_seconds
+    if not mtime:  # Beam's FileMetadata says 0.0 where a filesystem does not know it
+        return None
+    return f"size={meta.size_in_bytes};mtime={float(mtime)!r}"
+
+
+def trusted_marker(meta: FileMetadata, read_at: float) -> str | None:
+    """The marker to store with bytes read at `read_at`, or None if the file was modified too recently.
+
+    A rewrite after our read must change the marker; within RACY_SECONDS of the last
+    modification it might not (same size, same coarse timestamp), so no marker is stored
+    and the next night reads and hashes the file instead of trusting it.
+    """
+    marker = change_marker(meta)
+    if marker is None or read_at - meta.last_updated_in_seconds < RACY_SECONDS:
+        return None
+    return marker
 
 
 class ListFilesFn(beam.DoFn):
-    """pattern -> FileMetadata of every image file under it (or an error row, output "errors")."""
+    """pattern -> FileMetadata of every image file under it (or an error row, output "errors").
+
+    The FileMetadata carries size and modification time (the change marker's parts) from the
+    listing itself: no extra call per file, local or gs://.
+    """
 
     def __init__(self, root: str):
         self._root = root
@@ -120,7 +166,11 @@ class ListFilesFn(beam.DoFn):
 
 
 class ReadFileFn(beam.DoFn):
-    """FileMetadata -> SourceImage (id relative to root), or an error row (output "errors")."""
+    """FileMetadata -> SourceImage (id relative to root), or an error row (output "errors").
+
+    The SourceImage's marker is the listing's (see trusted_marker): taken before the bytes
+    are read, so a change between listing and reading shows as a changed marker next night.
+    """
 
     def __init__(self, root: str, max_bytes: int):
         self._root = root
@@ -137,6 +187,7 @@ class ReadFileFn(beam.DoFn):
                 ),
             )
             return
+        read_at = time.time()
         try:
             with FileSystems.open(path, compression_type="uncompressed") as handle:
                 data = handle.read(self._max_bytes + 1)
@@ -145,4 +196,4 @@ class ReadFileFn(beam.DoFn):
                 "errors", records.error_row(rid, path, "read", reasons.UNREADABLE, common.describe(exc))
             )
             return
-        yield SourceImage(rid, path, data)
+        yield SourceImage(rid, path, data, marker=trusted_marker(meta, read_at))
