@@ -65,6 +65,9 @@ def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nightly_corpus")
     for i, name in enumerate(["astronaut", "chelsea", "coffee", "rocket", "camera", "brick", "grass", "gravel"]):
         make_image(folder / f"{name}.png", name, i)
+        # Files of a nightly corpus are old; fresh ones (modified in the last seconds) get no change
+        # marker, which would make whether r2 reads them depend on how fast r1 started.
+        os.utime(folder / f"{name}.png", (1_700_000_000 + i, 1_700_000_000 + i))
     return folder
 
 
@@ -80,7 +83,7 @@ def two_runs(corpus, tmp_path_factory):
 def test_first_run_embeds_everything_and_publishes(two_runs):
     root, _ = two_runs
     m = run_manifest(root, "r1")
-    assert m["counts"] == {"seen": 8, "embedded": 8, "reused": 0, "failed": 0, "deleted": 0}
+    assert m["counts"] == {"seen": 8, "embedded": 8, "reused": 0, "reused_by_marker": 0, "failed": 0, "deleted": 0}
     assert m["validated"] is True and m["mode"] == "full" and m["index"]["ntotal"] == 8
 
 
@@ -88,12 +91,13 @@ def test_unchanged_rerun_reuses_everything_without_tensorflow(two_runs):
     root, second = two_runs
     assert read_latest(str(root)) == "r2"
     m = run_manifest(root, "r2")
-    assert m["counts"] == {"seen": 8, "embedded": 0, "reused": 8, "failed": 0, "deleted": 0}
+    # Unchanged size and mtime: not one file is read again (tests/test_markers.py proves it).
+    assert m["counts"] == {"seen": 8, "embedded": 0, "reused": 8, "reused_by_marker": 8, "failed": 0, "deleted": 0}
     assert m["mode"] == "incremental" and m["previous_run"] == "r1"
     assert "TF_IMPORTED False" in second.stdout  # nothing to embed: no model, no TensorFlow
     first, again = read_dir(root / "runs/r1/embeddings"), read_dir(root / "runs/r2/embeddings")
     key = [("id", "ascending")]
-    assert first.sort_by(key).equals(again.sort_by(key))  # same vectors, hashes, timestamps
+    assert first.sort_by(key).equals(again.sort_by(key))  # same vectors, hashes, timestamps, markers
 
 
 def test_changes_are_embedded_deletions_dropped_and_the_index_answers(two_runs, corpus, tmp_path):
@@ -108,7 +112,8 @@ def test_changes_are_embedded_deletions_dropped_and_the_index_answers(two_runs, 
     make_image(changed / "new_two.png", "rocket", 101)  # new
     assert nightly(changed, root, "r3") == 0
     m = run_manifest(root, "r3")
-    assert m["counts"] == {"seen": 9, "embedded": 3, "reused": 6, "failed": 0, "deleted": 1}
+    # The copies have new mtimes: every file is read, the 6 unchanged ones are reused by sha256.
+    assert m["counts"] == {"seen": 9, "embedded": 3, "reused": 6, "reused_by_marker": 0, "failed": 0, "deleted": 1}
     assert read_latest(str(root)) == "r3"
     vectors = embeddings_by_id(root / "runs/r3")
     old = embeddings_by_id(root / "runs/r2")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import apache_beam as beam
 import pytest
@@ -94,3 +96,52 @@ def test_resolve_input_and_relative_ids(tmp_path):
     assert resolve_input("gs://b/photos") == ("gs://b/photos", "gs://b/photos/**")
     assert relative_id("gs://b/photos", "gs://b/photos/cats/1.jpg") == "cats/1.jpg"
     assert relative_id(str(tmp_path), f"{tmp_path}/d/a.jpg") == "d/a.jpg"
+
+
+def test_unchanged_markers_skip_the_read_and_read_files_carry_their_marker(tmp_path):
+    """With the previous run's markers, a file whose size+mtime match is not read: it goes to "unchanged"."""
+    images = make_images(4, seed=5)
+    names = sorted(images)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i, name in enumerate(names):
+        (root / f"{name}.jpg").write_bytes(images[name])
+        os.utime(root / f"{name}.jpg", (1_700_000_000 + i, 1_700_000_000 + i))
+    # Modified less than RACY_SECONDS before it is read (here: mtime ahead of the clock, so the test
+    # does not depend on how fast the pipeline starts): a rewrite could keep its marker, so it gets none.
+    racy = root / "racy.jpg"
+    racy.write_bytes(images[names[0]])
+    os.utime(racy, (time.time() + 3600, time.time() + 3600))
+    marker = {n: f"size={len(images[n])};mtime={float(1_700_000_000 + i)!r}" for i, n in enumerate(names)}
+    previous = [
+        (f"{names[0]}.jpg", marker[names[0]]),  # unchanged: skipped
+        (f"{names[1]}.jpg", marker[names[1]]),  # unchanged: skipped
+        (f"{names[2]}.jpg", marker[names[2]].replace("mtime=", "mtime=1")),  # touched since: read
+        ("racy.jpg", f"size={racy.stat().st_size};mtime=1.0"),  # changed: read
+        # names[3]: new, no previous marker: read
+    ]
+    p = TestPipeline(runner="FnApiRunner")
+    markers = p | "Previous" >> beam.Create(previous)
+    read = p | "ReadImages" >> ReadImages(str(root), max_bytes=LIMIT, previous_markers=markers)
+    got = read["images"] | "ProjectImages" >> beam.Map(lambda im: (im.id, sha(im.data), im.marker))
+    assert_that(
+        got,
+        equal_to(
+            [
+                (f"{names[2]}.jpg", sha(images[names[2]]), marker[names[2]]),
+                (f"{names[3]}.jpg", sha(images[names[3]]), marker[names[3]]),
+                ("racy.jpg", sha(images[names[0]]), None),
+            ]
+        ),
+        label="Read",
+    )
+    assert_that(read["unchanged"], equal_to(previous[:2]), label="Unchanged")
+    result = p.run()
+    result.wait_until_finish()
+
+    def counter(name: str) -> int:
+        found = result.metrics().query(MetricsFilter().with_namespace("embedpipe").with_name(name))["counters"]
+        return sum(c.committed for c in found)
+
+    assert counter("images_seen") == 5  # skipped files are seen too: seen == embedded + reused + failed
+    assert counter("images_reused_by_marker") == counter("images_reused") == 2
