@@ -39,7 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--jit",
         choices=("auto", "on", "off"),
         default="auto",
-        help="compile the model with XLA (default auto: on for CPU workers, off on GPUs)",
+        help="compile the model with XLA (default auto: on for CPU workers at image size >= 224 and "
+        "batch >= 16, off on GPUs)",
     )
 
 

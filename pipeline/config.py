@@ -43,8 +43,8 @@ class ModelConfig:
     seed: int = 0  # only used by weights="random"
     resize: str = "squash"
     precision: str = "fp32"
-    # XLA: None = auto (on for CPU workers, where it measured ~8% faster; off on GPUs
-    # until measured there). Not part of the fingerprint: it changes speed, not vectors
+    # XLA: None = auto (pipeline.model.use_xla: on for full-size inputs on CPU workers,
+    # off on GPUs). Not part of the fingerprint: it changes speed, not vectors
     # (max relative difference 2e-7 on CPU).
     jit: bool | None = None
 

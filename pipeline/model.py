@@ -154,15 +154,22 @@ def build_model(cfg: ModelConfig) -> Any:
         keras.config.set_dtype_policy(previous)
 
 
-def use_xla(cfg: ModelConfig) -> bool:
-    """Whether to compile with XLA: as configured, or (auto) on CPU-only workers.
+# XLA on CPU measured (fp32, this repo's benchmarks): +8% img/s at 224x224 batch 32,
+# but 9x slower at 64x64 batch 8, so auto only turns it on for full-size inputs.
+XLA_MIN_IMAGE_SIZE = 224
+XLA_MIN_BATCH = 16
 
-    Auto is on for CPUs because it measured ~8% more img/s there (docs/BENCHMARKS.md);
-    it stays off on GPUs until measured there, and because XLA on GPU needs ptxas
-    from the CUDA toolkit in the worker image.
+
+def use_xla(cfg: ModelConfig, batch_size: int) -> bool:
+    """Whether to compile with XLA: as configured, or (auto) where it measured faster.
+
+    Auto: on for CPU-only workers at full-size inputs (see the constants above); off on
+    GPUs until measured there (XLA on GPU also needs ptxas from the CUDA toolkit).
     """
     if cfg.jit is not None:
         return cfg.jit
+    if cfg.image_size < XLA_MIN_IMAGE_SIZE or batch_size < XLA_MIN_BATCH:
+        return False
     import tensorflow as tf
 
     return not tf.config.list_physical_devices("GPU")
@@ -183,7 +190,7 @@ class CompiledModel:
         self.keras_model = build_model(cfg)
         spec = tf.TensorSpec((batch_size, cfg.image_size, cfg.image_size, 3), tf.uint8)
         model = self.keras_model
-        self.jit = use_xla(cfg)
+        self.jit = use_xla(cfg, batch_size)
         self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], jit_compile=self.jit)
         self.traces = 0
 

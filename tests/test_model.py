@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ModelConfig
 from pipeline.embed import EmbedImages
-from pipeline.model import CompiledModel, WeightsUnavailableError, build_trunk
+from pipeline.model import CompiledModel, WeightsUnavailableError, build_trunk, use_xla
 from pipeline.records import DecodedImage
 
 SIZE = 32
@@ -120,11 +120,13 @@ def test_model_built_once_per_process_across_stages_and_bundles():
     assert sum(c.committed for c in loads) == 1
 
 
-def test_xla_is_auto_on_for_cpu_and_gives_the_same_vectors():
+def test_xla_auto_and_explicit_give_the_same_vectors():
     x = batch(3, seed=5)
-    auto = CompiledModel(ModelConfig(weights="random", image_size=SIZE, seed=2), batch_size=3)
-    plain = CompiledModel(ModelConfig(weights="random", image_size=SIZE, seed=2, jit=False), batch_size=3)
-    assert auto.jit is True and plain.jit is False  # this machine has no GPU
-    a, b = auto(x), plain(x)
+    xla = CompiledModel(ModelConfig(weights="random", image_size=SIZE, seed=2, jit=True), batch_size=3)
+    plain = CompiledModel(ModelConfig(weights="random", image_size=SIZE, seed=2), batch_size=3)
+    assert xla.jit is True and plain.jit is False  # auto: off below full-size inputs
+    a, b = xla(x), plain(x)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     assert ModelConfig(jit=True).fingerprint() == ModelConfig(jit=False).fingerprint()
+    assert use_xla(ModelConfig(), 32) is True  # full size on this GPU-less machine
+    assert use_xla(ModelConfig(), 8) is False and use_xla(ModelConfig(jit=False), 32) is False
