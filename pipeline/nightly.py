@@ -9,6 +9,11 @@ Order of work: embed (reusing the LATEST run's unchanged rows) -> build the inde
 single rename, so a reader sees yesterday's run or today's, never a half-written
 pointer, and never a run that is still being written. A run killed at any point
 leaves LATEST and every earlier run untouched; the next run starts afresh.
+
+Unchanged image files (same size and mtime as recorded with the LATEST run's row)
+are reused without being read; `verify_content` reads and hashes every file instead
+(docs/DESIGN-NOTES.md, "Change markers"). The manifest counts them as
+`reused_by_marker`, a part of `reused`.
 """
 
 from __future__ import annotations
