@@ -132,6 +132,8 @@ def print_summary(manifest: dict, out=None) -> None:
     print(f"  embedded  {c['embedded']}", file=out)
     if c.get("reused"):
         print(f"  reused    {c['reused']}", file=out)
+        if c.get("reused_by_marker"):
+            print(f"    by marker {c['reused_by_marker']} (size and mtime unchanged: not read)", file=out)
     print(f"  failed    {c['failed']}", file=out)
     for reason, n in manifest.get("failed_by_reason", {}).items():
         print(f"    {reason:<18} {n}", file=out)
@@ -181,6 +183,7 @@ def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
         recall_floor=args.recall_floor,
         workers=args.workers,
         require_gpu=args.require_gpu,
+        verify_content=args.verify_content,
     )
     if args.dry_run:
         embed_cfg = dataclasses.replace(cfg.embed, output=f"{args.root.rstrip('/')}/runs/<run-id>")
@@ -233,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nightly",
         help="one night's incremental re-embedding + index, published atomically under --root",
         description="Embed --input into ROOT/runs/<run-id>/, reusing the LATEST run's embeddings of unchanged "
-        "images (same id, same sha256, same model), build the index, validate, and only then point ROOT/LATEST "
+        "images (same id, same sha256, same model; plain files whose size and mtime are unchanged are not even "
+        "read), build the index, validate, and only then point ROOT/LATEST "
         "at the new run. Exit 3 when validation fails (LATEST unchanged). Other options go to Beam.",
     )
     _add_embed_args(nightly, output=False)
@@ -241,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--root", required=True, help="run root (local, gs://, s3://): runs/<run-id>/ and LATEST")
     n.add_argument("--run-id", default=None, help="run id (default: UTC timestamp, e.g. 20261128T020000Z)")
     n.add_argument("--full", action="store_true", help="re-embed everything, reuse nothing")
+    n.add_argument(
+        "--verify-content",
+        action="store_true",
+        help="read and hash every file even when its size and mtime are unchanged (default: trust those change "
+        "markers and skip reading unchanged files; docs/DESIGN-NOTES.md, 'Change markers')",
+    )
     n.add_argument("--keep", type=int, default=0, help="after publishing, keep only the newest N runs (0: keep all)")
     n.add_argument("--index", default="auto", help="index type (auto|flat|ivf-flat|ivf-sq8|ivf-pq|hnsw|factory string)")
     n.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="index metric (default cosine)")

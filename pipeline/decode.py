@@ -78,7 +78,7 @@ def decode_one(image: SourceImage, kwargs: dict) -> DecodedImage | dict:
         pixels, width, height, thumb = decode_image(image.data, **kwargs)
     except DecodeError as exc:
         return records.error_row(image.id, image.uri, "decode", exc.reason, str(exc), sha)
-    return DecodedImage(image.id, image.uri, pixels, sha, width, height, image.meta, thumb)
+    return DecodedImage(image.id, image.uri, pixels, sha, width, height, image.meta, thumb, marker=image.marker)
 
 
 class _DecodeFn(beam.DoFn):
