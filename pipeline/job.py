@@ -203,6 +203,19 @@ def count_rows(directory: str) -> int:
     return total
 
 
+def count_stamped(directory: str, embedded_at: datetime.datetime) -> int:
+    """Rows in a run's embeddings stamped with this run's `embedded_at` (embedded, not reused)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for path in parquet_files(directory):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            column = pq.read_table(handle, columns=["embedded_at"]).column("embedded_at")
+        total += pc.sum(pc.equal(column, pa.scalar(embedded_at, type=column.type))).as_py() or 0
+    return total
+
+
 def error_reasons(directory: str) -> dict[str, int]:
     """error code -> count over errors/*.parquet."""
     counts: collections.Counter = collections.Counter()
@@ -302,12 +315,14 @@ def run_embed(
     reasons = error_reasons(f"{staging}/errors")
     failed = sum(reasons.values())
     seen = _counter(result, "images_seen")
-    reused = _counter(result, "images_reused") or 0
-    embedded = rows - reused
+    # Counted from the output, not from the reuse counter: a reused id read twice is carried
+    # twice and one copy becomes a duplicate_id error, so only the rows written are reused.
+    embedded = count_stamped(f"{staging}/embeddings", embedded_at)
+    reused = rows - embedded
     counts = {"seen": seen, "embedded": embedded, "reused": reused, "failed": failed}
     if previous_files is not None:
         # Of the reused images, how many were not even read (change marker unchanged).
-        counts["reused_by_marker"] = _counter(result, "images_reused_by_marker") or 0
+        counts["reused_by_marker"] = min(reused, _counter(result, "images_reused_by_marker") or 0)
     manifest = {
         "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
         "output": out,

@@ -115,8 +115,9 @@ class _SplitFn(beam.DoFn):
 class _ReadRowsFn(beam.DoFn):
     """A previous embeddings file -> its rows that are reused, each with the file's current marker.
 
-    Side input: id -> (sha256 or None, marker). A row is kept when its id is there and its
-    sha256 (hash reuse) or its marker (marker reuse, sha None) is the one the claim was made on.
+    Side input: id -> [(sha256 or None, marker), ...], one claim per copy of the image read
+    this run. A row is emitted per claim whose sha256 (hash reuse) or marker (marker reuse,
+    sha None) is the one the claim was made on.
     """
 
     def __init__(self, columns: list[str]) -> None:
@@ -132,20 +133,24 @@ class _ReadRowsFn(beam.DoFn):
                 ids = batch.column("id").to_pylist()
                 shas = batch.column("content_sha256").to_pylist()
                 markers = batch.column(MARKER_COLUMN).to_pylist() if has_marker else [None] * len(ids)
-                keep = []
-                for i, rid in enumerate(ids):
-                    claim = reuse.get(rid)
-                    if claim is not None and (claim[0] == shas[i] if claim[0] is not None else claim[1] == markers[i]):
-                        keep.append(i)
+                # One row per claim: an id read twice (the same key in two shards) is claimed
+                # twice and carried twice, and DedupIds downstream turns the second copy into
+                # a duplicate_id error, as on the night it was first embedded.
+                keep = [
+                    (i, claim[1])
+                    for i, rid in enumerate(ids)
+                    for claim in reuse.get(rid, ())
+                    if (claim[0] == shas[i] if claim[0] is not None else claim[1] == markers[i])
+                ]
                 if not keep:
                     continue
                 vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
                 dim = len(vectors) // max(1, batch.num_rows)
                 others = {n: batch.column(n).to_pylist() for n in names if n != "embedding"}
-                for i in keep:
+                for i, marker in keep:
                     row = {n: others[n][i] for n in others}
                     row["embedding"] = vectors[i * dim : (i + 1) * dim]
-                    row[MARKER_COLUMN] = reuse[ids[i]][1]
+                    row[MARKER_COLUMN] = marker
                     yield row
 
 
@@ -184,5 +189,8 @@ class ReuseUnchanged(beam.PTransform):
             by_marker = self._unchanged | "MarkerClaims" >> beam.Map(lambda kv: (kv[0], (None, kv[1])))
             claims = (claims, by_marker) | "AllClaims" >> beam.Flatten()
         files = p | "PreviousFiles" >> beam.Create(self._files)
-        reused = files | "CarryForward" >> beam.ParDo(_ReadRowsFn(self._columns), beam.pvalue.AsDict(claims))
+        # Grouped, then a plain dict side input (loaded once per worker), rather than a
+        # multimap side input, which would look each id up through the runner's state API.
+        grouped = claims | "GroupClaims" >> beam.GroupByKey() | "ClaimLists" >> beam.MapTuple(lambda k, v: (k, list(v)))
+        reused = files | "CarryForward" >> beam.ParDo(_ReadRowsFn(self._columns), beam.pvalue.AsDict(grouped))
         return {"changed": split.changed, "reused": reused}

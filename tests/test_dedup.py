@@ -122,3 +122,28 @@ def test_duplicate_ids_within_and_across_shards_through_the_real_stages(tmp_path
             ),
             label="Errors",
         )
+
+
+@pytest.mark.slow
+def test_rerun_with_a_duplicate_id_reuses_one_row_and_reports_the_copy(tmp_path):
+    """The same key, same bytes, in two Parquet shards: night 1 embeds one copy and reports the
+    other as duplicate_id; night 2 (nothing changed) reuses one row and reports the other copy
+    again, and the counts still add up (they once raised CountsMismatchError)."""
+    from pipeline.config import EmbedConfig
+    from pipeline.job import parquet_files, run_embed
+
+    images = make_images(3, seed=4)
+    samples = list(images.items())
+    write_parquet(tmp_path / "in" / "a.parquet", samples)
+    write_parquet(tmp_path / "in" / "b.parquet", samples[:1])  # samples[0]'s key again, same bytes
+    model = ModelConfig(weights="random", image_size=32)
+    spec = InputSpec(paths=(str(tmp_path / "in" / "*.parquet"),))
+    first = run_embed(EmbedConfig(input=spec, output=str(tmp_path / "n1"), model=model, batch_size=2))
+    assert first["counts"] == {"seen": 4, "embedded": 3, "reused": 0, "failed": 1}
+    second = run_embed(
+        EmbedConfig(input=spec, output=str(tmp_path / "n2"), model=model, batch_size=2),
+        previous_files=parquet_files(str(tmp_path / "n1" / "embeddings")),
+    )
+    assert second["counts"]["seen"] == 4
+    assert (second["counts"]["embedded"], second["counts"]["reused"], second["counts"]["failed"]) == (0, 3, 1)
+    assert second["failed_by_reason"] == {"duplicate_id": 1}
