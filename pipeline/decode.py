@@ -37,6 +37,8 @@ DECODE_NICENESS = 10
 
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+# A forked child inherits the pool objects but not their threads: it must make its own.
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def default_decode_threads() -> int:

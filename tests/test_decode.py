@@ -203,3 +203,20 @@ def test_decode_threads_run_at_lower_priority():
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen = decode_pool(3).submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert seen == min(19, base + DECODE_NICENESS)
+
+
+def test_a_forked_child_gets_its_own_decode_pool():
+    import multiprocessing
+
+    from pipeline.decode import decode_pool
+
+    assert decode_pool(2).submit(lambda: 7).result() == 7  # the parent's pool has threads now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as child:
+        assert child.apply_async(_submit_in_pool).get(timeout=30) == 7
+
+
+def _submit_in_pool() -> int:
+    from pipeline.decode import decode_pool
+
+    return decode_pool(2).submit(lambda: 7).result(timeout=10)
