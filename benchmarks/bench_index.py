@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 
 from pipeline.index.build import ExactNeighbours, build_index
 from pipeline.index.io import iter_batches, scan_dataset, write_json
+from pipeline.index.loading import drop_precomputed_table
 from pipeline.records import embeddings_schema
 
 TYPES = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw")
@@ -139,6 +140,7 @@ def write_dataset(root: str, gen: Generator, n: int, *, seed: int, rows_per_file
 def measure(index_dir: str, queries: np.ndarray, truth: np.ndarray | None, single: int) -> dict:
     """qps (batch and one at a time) and recall@10 of the index as stored (its tuned parameters)."""
     index = faiss.read_index(f"{index_dir}/index.faiss")
+    drop_precomputed_table(index)  # as Searcher.open does
     single = min(single, len(queries))
     index.search(queries[:10], 10)  # warm-up
     t = time.perf_counter()

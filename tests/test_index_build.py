@@ -19,6 +19,7 @@ import pytest
 from pipeline.index import build as build_module
 from pipeline.index.build import build_index
 from pipeline.index.io import scan_dataset, write_embeddings
+from pipeline.index.search import Searcher
 from pipeline.index.train import prepare
 from pipeline.records import embeddings_schema
 
@@ -94,6 +95,11 @@ def test_each_index_type_finds_itself_and_meets_its_recall(data64, tmp_path, kin
     assert meta["index_type"] == (kind if "," not in kind else "custom")
     assert meta["ntotal"] == len(x) == faiss.read_index(f"{out}/index.faiss").ntotal
     assert meta["normalized"] is (metric == "cosine")
+    # Cosine is inner product on unit vectors, except IVF-PQ: L2 on unit vectors (same order, see train.py).
+    compare = "l2" if metric == "l2" or kind == "ivf-pq" else "inner_product"
+    assert meta["faiss_metric"] == compare
+    want = faiss.METRIC_L2 if compare == "l2" else faiss.METRIC_INNER_PRODUCT
+    assert faiss.read_index(f"{out}/index.faiss").metric_type == want
     assert meta["bytes"] == os.path.getsize(f"{out}/index.faiss")
     if "IVF" in meta["factory"]:
         assert (
@@ -120,6 +126,25 @@ def test_each_index_type_finds_itself_and_meets_its_recall(data64, tmp_path, kin
         assert recall >= 0.9
 
 
+def test_cosine_ivf_pq_scores_are_cosine_similarities(data64, tmp_path):
+    """IVF-PQ ranks unit vectors by L2; Searcher reports cosines (1 - d/2), close to the exact ones."""
+    root, x = data64
+    out = str(tmp_path / "index")
+    meta = build_index(root, out, index="ivf-pq", memory_budget=230_000, seed=3)
+    assert (meta["metric"], meta["faiss_metric"]) == ("cosine", "l2")
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.arange(5, len(x), 97)
+    with Searcher.open(out) as searcher:
+        assert searcher.stats()["faiss_metric"] == "l2"
+        results = searcher.search_vectors(x[rows] * 3.0, k=10)  # scale does not matter for cosine
+    for own, hits in zip(rows, results):
+        scores = np.array([h.score for h in hits])
+        assert (np.diff(scores) <= 1e-6).all(), "best first: highest cosine"
+        exact = unit[[h.label for h in hits]] @ unit[own]
+        assert np.abs(scores - exact).max() < 0.05, (scores, exact)  # PQ codes: approximate
+        assert hits[0].label == own and abs(hits[0].score - 1.0) < 0.05
+
+
 def test_index_json_and_ids_parquet_follow_the_contract(data64, tmp_path):
     root, x = data64
     out = tmp_path / "index"
@@ -128,7 +153,7 @@ def test_index_json_and_ids_parquet_follow_the_contract(data64, tmp_path):
     on_disk = json.loads((out / "index.json").read_text())
     assert on_disk == meta
     assert set(meta) == {
-        "format_version", "factory", "index_type", "metric", "normalized", "dim", "ntotal", "model",
+        "format_version", "factory", "index_type", "metric", "faiss_metric", "normalized", "dim", "ntotal", "model",
         "model_config", "source", "built_at", "build_seconds", "train_size", "search_params",
         "recall_at_10", "recall_queries", "bytes", "has_thumbnails", "embedpipe_version",
     }  # fmt: skip

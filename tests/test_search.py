@@ -201,6 +201,16 @@ def test_broken_index_directories_are_clear_errors(tmp_path, vectors):
     with pytest.raises(IndexFormatError, match="metric"):
         Searcher.open(str(d))
 
+    d = variant("faiss-metric")  # an l2 index cannot have been built with inner product
+    (d / "index.json").write_text(json.dumps({**meta, "metric": "l2", "faiss_metric": "inner_product"}))
+    with pytest.raises(IndexFormatError, match="faiss_metric 'inner_product'"):
+        Searcher.open(str(d))
+
+    d = variant("cosine-as-l2")  # index.json claims L2 comparisons; index.faiss is inner product
+    (d / "index.json").write_text(json.dumps({**meta, "faiss_metric": "l2"}))
+    with pytest.raises(IndexFormatError, match="faiss_metric 'l2'"):
+        Searcher.open(str(d))
+
     d = variant("short-ids")
     table = pq.read_table(d / "ids.parquet")
     pq.write_table(table.slice(0, 49), d / "ids.parquet")

@@ -36,7 +36,7 @@ from pipeline.index.io import (
 )
 from pipeline.index.loading import FORMAT_VERSION  # what the reading side accepts
 from pipeline.index.quality import ExactNeighbours, K, measure, tune
-from pipeline.index.train import Prepared, prepare
+from pipeline.index.train import Prepared, prepare, presize_flat_codes
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ def finish(
         "factory": prepared.factory,
         "index_type": prepared.index_type,
         "metric": prepared.metric,
+        # How index.faiss compares vectors: cosine indexes use inner product, except IVF-PQ (L2 on unit
+        # vectors, 2 - 2 cos); readers turn its distances into cosine similarities.
+        "faiss_metric": "l2" if prepared.faiss_metric == faiss.METRIC_L2 else "inner_product",
         "normalized": prepared.normalized,
         "dim": ds.dim,
         "ntotal": int(index.ntotal),
@@ -138,6 +141,7 @@ def build_index(
     ds = scan_dataset(embeddings)
     prepared = prepare(ds, index=index, metric=metric, memory_budget=memory_budget, seed=seed, batch_rows=batch_rows)
     built = prepared.index
+    presize_flat_codes(built, ds.ntotal)
     with staged(output) as staging:
         truth = ExactNeighbours(prepared.queries, K + 1, prepared.faiss_metric)
         ids = IdsWriter(f"{staging}/ids.parquet", thumbnails=ds.has_thumbnails)

@@ -43,7 +43,7 @@ from pipeline.index.io import (
     write_faiss,
 )
 from pipeline.index.quality import ExactNeighbours, K
-from pipeline.index.train import METRICS, ivf_of, new_index, prepare, resolve_index
+from pipeline.index.train import METRICS, faiss_metric_for, ivf_of, new_index, prepare, resolve_index
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ class AddShard(beam.DoFn):
     Also writes the exact top-k of the held-out queries over the file (the recall ground truth).
     """
 
-    def __init__(self, work: str, *, dim: int, metric: str, batch_rows: int) -> None:
-        self._work, self._dim, self._metric, self._batch_rows = work, dim, metric, batch_rows
+    def __init__(self, work: str, *, dim: int, normalize: bool, faiss_metric: int, batch_rows: int) -> None:
+        self._work, self._dim, self._batch_rows = work, dim, batch_rows
+        self._normalize, self._faiss_metric = normalize, faiss_metric
         self._added = Metrics.counter("embedpipe", "index_vectors_added")
 
     def setup(self) -> None:
@@ -87,9 +88,9 @@ class AddShard(beam.DoFn):
     def process(self, element: tuple[int, Shard]):
         number, shard = element
         index = faiss.clone_index(self._trained)
-        truth = ExactNeighbours(self._queries, K + 1, METRICS[self._metric])
+        truth = ExactNeighbours(self._queries, K + 1, self._faiss_metric)
         for start, x, _ in iter_batches(shard, self._dim, self._batch_rows):
-            if self._metric == "cosine":
+            if self._normalize:
                 faiss.normalize_L2(x)
             first = shard.offset + start
             index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
@@ -106,14 +107,17 @@ class AddShard(beam.DoFn):
         yield number, shard.rows
 
 
-def build_add_pipeline(ds: Dataset, work: str, options, *, metric: str, batch_rows: int) -> beam.Pipeline:
+def build_add_pipeline(
+    ds: Dataset, work: str, options, *, normalize: bool, faiss_metric: int, batch_rows: int
+) -> beam.Pipeline:
     """The pipeline (not yet run): one element per Parquet file -> work/shard-NNNNN.faiss."""
     p = beam.Pipeline(options=options)
     _ = (
         p
         | "ListShards" >> beam.Create(list(enumerate(ds.shards)))
         | "SpreadShards" >> beam.Reshuffle()  # without it, Create's single bundle runs on one worker
-        | "AddShard" >> beam.ParDo(AddShard(work, dim=ds.dim, metric=metric, batch_rows=batch_rows))
+        | "AddShard"
+        >> beam.ParDo(AddShard(work, dim=ds.dim, normalize=normalize, faiss_metric=faiss_metric, batch_rows=batch_rows))
     )
     return p
 
@@ -179,10 +183,17 @@ def build_index_distributed(
         _save_npz(f"{work}/queries.npz", queries=prepared.queries)
         options = pipeline_options(list(beam_args or []), workers=workers)
         log.info("index: adding %d files in parallel (%d worker(s))", len(ds.shards), workers)
-        result = build_add_pipeline(ds, work, options, metric=metric, batch_rows=batch_rows).run()
+        result = build_add_pipeline(
+            ds,
+            work,
+            options,
+            normalize=prepared.normalized,
+            faiss_metric=prepared.faiss_metric,
+            batch_rows=batch_rows,
+        ).run()
         result.wait_until_finish()
         merged = prepared.index
-        truth = ExactNeighbours(prepared.queries, K + 1, METRICS[metric])
+        truth = ExactNeighbours(prepared.queries, K + 1, prepared.faiss_metric)
         for number, shard in enumerate(ds.shards):  # file order = label order, as in build_index
             part = read_faiss(shard_path(work, number))
             if part.ntotal != shard.rows:
@@ -210,7 +221,7 @@ def _kind(index: str, ds: Dataset, memory_budget: str | int, metric: str) -> tup
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}; got {metric!r}")
     index_type, factory = resolve_index(index, ds.ntotal, ds.dim, auto.parse_memory_budget(memory_budget))
-    if ivf_of(new_index(factory, ds.dim, metric)) is None:
+    if ivf_of(new_index(factory, ds.dim, faiss_metric_for(index_type, metric))) is None:
         why = "adding to a flat index is a copy" if index_type == "flat" else "an HNSW graph cannot be merged"
         if index_type == "custom":
             why = f"{factory!r} has no inverted lists to merge"

@@ -28,7 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import DEFAULT_MAX_PIXELS, ModelConfig
-from pipeline.index.loading import IndexFormatError, localise, read_index, read_meta
+from pipeline.index.loading import (
+    IndexFormatError,
+    drop_precomputed_table,
+    faiss_metric_of,
+    localise,
+    read_index,
+    read_meta,
+)
 from pipeline.index.query_model import ModelMismatchError, QueryImageError, QueryModel
 
 __all__ = [
@@ -100,10 +107,12 @@ class Searcher:
                 f"index.faiss holds {index.ntotal} vectors of dim {index.d} but index.json says "
                 f"{meta['ntotal']} of dim {meta['dim']}: the directory mixes two builds"
             )
-        want = faiss.METRIC_INNER_PRODUCT if meta["metric"] == "cosine" else faiss.METRIC_L2
-        if index.metric_type != want:
-            raise IndexFormatError(f"index.json says metric {meta['metric']!r} but index.faiss uses another metric")
+        compare = faiss_metric_of(meta)
+        if index.metric_type != (faiss.METRIC_INNER_PRODUCT if compare == "inner_product" else faiss.METRIC_L2):
+            raise IndexFormatError(f"index.json says faiss_metric {compare!r} but index.faiss uses another metric")
         self.normalize = bool(meta.get("normalized", meta["metric"] == "cosine"))
+        # Cosine IVF-PQ indexes rank unit vectors by squared L2 distance, 2 - 2 cos: scores convert back.
+        self._cosine_from_l2 = meta["metric"] == "cosine" and compare == "l2"
 
         self._ids_file = pq.ParquetFile(ids_path)
         names = self._ids_file.schema_arrow.names
@@ -153,6 +162,7 @@ class Searcher:
         try:
             meta = read_meta(os.path.join(local, "index.json"))
             index, mapped = read_index(os.path.join(local, "index.faiss"), mmap=mmap)
+            drop_precomputed_table(index)
             params = {**(meta.get("search_params") or {}), **(search_params or {})}
             space = faiss.ParameterSpace()
             for name, value in params.items():
@@ -250,7 +260,9 @@ class Searcher:
             norms = np.linalg.norm(x, axis=1, keepdims=True)
             x = x / np.where(norms > 0, norms, 1.0)
         distances, labels = self.index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.ntotal))
-        if self.meta["metric"] == "l2":
+        if self._cosine_from_l2:
+            distances = 1.0 - distances / 2.0
+        elif self.meta["metric"] == "l2":
             # FAISS reports squared L2; the API promises the distance itself.
             distances = np.sqrt(np.maximum(distances, 0.0))
         return distances, labels
@@ -370,6 +382,7 @@ class Searcher:
             "embedpipe_version",
         )  # fmt: skip
         out = {key: self.meta.get(key) for key in keys}
+        out["faiss_metric"] = faiss_metric_of(self.meta)
         image_error = self.query_model.error()
         out.update(
             index_dir=self.index_dir,
