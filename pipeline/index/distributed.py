@@ -42,6 +42,7 @@ from pipeline.index.io import (
     scan_dataset,
     write_faiss,
 )
+from pipeline.index.loading import drop_precomputed_table
 from pipeline.index.quality import ExactNeighbours, K
 from pipeline.index.train import METRICS, faiss_metric_for, ivf_of, new_index, prepare, resolve_index
 
@@ -83,6 +84,7 @@ class AddShard(beam.DoFn):
     def setup(self) -> None:
         # Loaded once per worker: the trained index (centroids, OPQ, codebooks) and the queries.
         self._trained = read_faiss(f"{self._work}/trained.faiss")
+        drop_precomputed_table(self._trained)  # read_index rebuilt it; the copies need none
         self._queries = _load_npz(f"{self._work}/queries.npz")["queries"]
 
     def process(self, element: tuple[int, Shard]):
