@@ -22,10 +22,9 @@ import threading
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import window
-from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import records
+from pipeline.bundles import in_global_window
 from pipeline.imaging import DecodeError, decode_image
 from pipeline.records import DecodedImage, SourceImage
 
@@ -114,11 +113,7 @@ class _DecodeFn(beam.DoFn):
 
     def finish_bundle(self):
         while self._pending:
-            out = self._emit(self._pending.popleft())
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, 0, [window.GlobalWindow()]))
-            else:
-                yield WindowedValue(out, 0, [window.GlobalWindow()])
+            yield in_global_window(self._emit(self._pending.popleft()))
 
 
 class DecodeImages(beam.PTransform):

@@ -20,11 +20,10 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import window
 from apache_beam.utils import shared
-from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import reasons, records
+from pipeline.bundles import in_global_window
 from pipeline.config import ModelConfig
 from pipeline.records import DecodedImage
 
@@ -196,10 +195,7 @@ class _EmbedFn(beam.DoFn):
         out = self._submit() if self._buffer else []
         out += self._collect()
         for row in out:
-            if isinstance(row, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(row.tag, WindowedValue(row.value, 0, [window.GlobalWindow()]))
-            else:
-                yield WindowedValue(row, 0, [window.GlobalWindow()])
+            yield in_global_window(row)
 
     def teardown(self) -> None:
         executor = getattr(self, "_executor", None)
