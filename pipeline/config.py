@@ -101,10 +101,10 @@ class EmbedConfig:
 
 def file_sha256(path: str) -> str:
     """sha256 of a local or Beam-filesystem file, streamed."""
-    from apache_beam.io.filesystems import FileSystems
+    from pipeline.storage import open_regular  # a FIFO or /dev/zero named as weights must not hang or never end
 
     digest = hashlib.sha256()
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -20,6 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from pipeline import reasons
 
 THUMBNAIL_SIZE = 128
+# A JPEG codes every 8x8 block of every component with at least ~2 bits (a DC difference and an
+# end-of-block code): measured, a uniform 10000x10000 grey image at quality 1 with optimised
+# tables is 390,783 bytes, 256 pixels per byte. Eight times that is impossible for a whole file.
+JPEG_MIN_PIXELS_PER_BYTE = 2048
 
 # decode_image enforces its own, configurable pixel limit (max_pixels) from the
 # header before decoding anything. Pillow's process-wide guard would otherwise
@@ -104,11 +108,21 @@ def decode_image(
     max_pixels: int,
     draft: bool = True,
     thumbnail: bool = False,
+    draft_for_thumbnail: bool | None = None,
 ) -> tuple[np.ndarray, int, int, bytes | None]:
     """Decode one image to (pixels uint8 SxSx3, width, height, thumbnail JPEG or None).
 
+    Args:
+        thumbnail: also make the 128 px JPEG thumbnail.
+        draft_for_thumbnail: decode JPEGs at a draft scale that covers the thumbnail too
+            (default: as `thumbnail`). The scale changes the pixels slightly, so a query
+            image must be decoded at the scale its corpus was, without paying for the
+            thumbnail itself: query decoding passes True here and `thumbnail=False`.
+
     Raises DecodeError with a reason code for anything that cannot be embedded.
     """
+    if draft_for_thumbnail is None:
+        draft_for_thumbnail = thumbnail
     if not data:
         raise DecodeError(reasons.EMPTY_FILE, "the file is empty (0 bytes)")
     try:
@@ -121,13 +135,21 @@ def decode_image(
                     reasons.TOO_MANY_PIXELS,
                     f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (--max-pixels)",
                 )
+            if img.format == "JPEG" and len(data) * JPEG_MIN_PIXELS_PER_BYTE < w * h:
+                # libjpeg fills what a scan does not cover with grey and only warns, so a
+                # forged or cut header (9000x9000 over a 16x16 scan) would decode "fine".
+                raise DecodeError(
+                    reasons.TRUNCATED,
+                    f"the JPEG header claims {w}x{h} pixels but the file holds only {len(data):,} bytes, "
+                    f"fewer than any JPEG of that size needs (truncated or forged header)",
+                )
             if draft and img.format == "JPEG":
                 # DCT scaling: decode straight to the smallest 1/2, 1/4 or 1/8 scale
                 # that still covers twice the target, then resample with reducing_gap.
                 # Covering only 1x the target (what Image.thumbnail does) is ~1.5x
                 # faster but moved embeddings by up to 0.13 of their spread on real
                 # photos; 2x stays under the 0.05 bound of tests/test_closeness.py.
-                target = max(2 * size, THUMBNAIL_SIZE if thumbnail else 0)
+                target = max(2 * size, THUMBNAIL_SIZE if draft_for_thumbnail else 0)
                 img.draft("RGB", (target, target))
             if getattr(img, "is_animated", False):
                 img.seek(0)

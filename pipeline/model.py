@@ -55,9 +55,16 @@ def configure_tensorflow(*, intra_op_threads: int = 0, require_gpu: bool = False
 
 def _local_weights_path(weights: str) -> str:
     """A local copy of a weights file given as any Beam filesystem path."""
-    if os.path.exists(weights):
-        return weights
     from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.storage import NotRegularFileError, check_regular, open_regular
+
+    if os.path.exists(weights):
+        try:
+            check_regular(weights)  # a FIFO or device would hang or never end the load
+        except NotRegularFileError as exc:
+            raise WeightsUnavailableError(f"weights file {weights!r}: {exc}") from exc
+        return weights
 
     try:
         exists = FileSystems.exists(weights)
@@ -71,7 +78,7 @@ def _local_weights_path(weights: str) -> str:
         )
     suffix = ".weights.h5" if weights.endswith(".weights.h5") else os.path.splitext(weights)[1]
     fd, local = tempfile.mkstemp(suffix=suffix, prefix="embedpipe-weights-")
-    with os.fdopen(fd, "wb") as out, FileSystems.open(weights) as src:
+    with os.fdopen(fd, "wb") as out, open_regular(weights) as src:
         for chunk in iter(lambda: src.read(1 << 22), b""):
             out.write(chunk)
     return local

@@ -66,10 +66,15 @@ class InputSpec:
     parquet_id_column: str = "key"
     urilist_uri_column: str = "uri"
     urilist_id_column: str = "id"
+    # URI lists may name any path the worker can read; with allow_roots, only URIs under one
+    # of these prefixes are read (others become `unreadable` rows). Empty: no restriction.
+    allow_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
         object.__setattr__(self, "paths", paths)
+        roots = (self.allow_roots,) if isinstance(self.allow_roots, str) else tuple(self.allow_roots)
+        object.__setattr__(self, "allow_roots", roots)
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise ValueError(f"input needs at least one non-empty path; got {self.paths!r}")
         if self.format not in FORMATS:
@@ -118,6 +123,7 @@ class InputSpec:
         """JSON-able form, for the manifest."""
         out = dataclasses.asdict(self)
         out["paths"] = list(self.paths)
+        out["allow_roots"] = list(self.allow_roots)
         return out
 
 
@@ -209,6 +215,14 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         default="id",
         help="id column of CSV/Parquet lists (default id; without it the id is the URI relative to the input root)",
     )
+    g.add_argument(
+        "--allow-roots",
+        default="",
+        metavar="PREFIXES",
+        help="comma-separated path prefixes (local folders, gs://bucket/dir, ...) that URI lists may name; a listed "
+        "URI outside them becomes an `unreadable` row (default: any path the worker can read, see "
+        "docs/INPUT_FORMATS.md)",
+    )
 
 
 def input_spec_from_args(args: argparse.Namespace) -> InputSpec:
@@ -224,6 +238,7 @@ def input_spec_from_args(args: argparse.Namespace) -> InputSpec:
         parquet_id_column=args.parquet_id_column,
         urilist_uri_column=args.urilist_uri_column,
         urilist_id_column=args.urilist_id_column,
+        allow_roots=tuple(r.strip() for r in getattr(args, "allow_roots", "").split(",") if r.strip()),
     )
 
 

@@ -13,3 +13,4 @@ EMBED_ERROR = "embed_error"
 DUPLICATE_ID = "duplicate_id"
 TRUNCATED_SHARD = "truncated_shard"  # a shard ends or breaks part-way; the row says where; what follows is lost
 CORRUPT_RECORD = "corrupt_record"  # one record fails its checksum or does not parse; the shard goes on
+EMPTY_INPUT = "empty_input"  # an input path (folder, glob, shard pattern) holding no image; the row says what it found

@@ -134,8 +134,10 @@ class QueryModel:
                 resize=cfg.resize,
                 max_pixels=max_pixels or self.max_pixels,
                 draft=True,
-                # The JPEG draft scale depends on whether a thumbnail was made; match the embed run.
-                thumbnail=self.thumbnails,
+                # The JPEG draft scale depends on whether a thumbnail was made; match the embed run,
+                # but never build the thumbnail itself (a full-size copy of the image, thrown away).
+                thumbnail=False,
+                draft_for_thumbnail=self.thumbnails,
             )
         except DecodeError as exc:
             raise QueryImageError(exc.reason, str(exc)) from exc
