@@ -156,6 +156,7 @@ def test_index_json_and_ids_parquet_follow_the_contract(data64, tmp_path):
         "format_version", "factory", "index_type", "metric", "faiss_metric", "normalized", "dim", "ntotal", "model",
         "model_config", "source", "built_at", "build_seconds", "train_size", "search_params",
         "recall_at_10", "recall_queries", "bytes", "has_thumbnails", "embedpipe_version",
+        "recall_at_10_low", "recall_target", "recall_target_met", "recall_warning", "tuning_queries", "tuning_curve",
     }  # fmt: skip
     assert meta["format_version"] == 1 and meta["dim"] == 64 and meta["model"] == MODEL
     assert meta["model_config"] == {"image_size": 64, "weights": "random"}

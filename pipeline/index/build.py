@@ -35,7 +35,7 @@ from pipeline.index.io import (
     write_json,
 )
 from pipeline.index.loading import FORMAT_VERSION  # what the reading side accepts
-from pipeline.index.quality import ExactNeighbours, K, measure, tune
+from pipeline.index.quality import ExactNeighbours, K, QuerySet, tune
 from pipeline.index.train import Prepared, prepare, presize_flat_codes
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,12 @@ def finish(
         )
     _, truth_labels = truth.result()
     n_eval = len(prepared.eval_labels)
-    eval_q, tune_q = prepared.queries[:n_eval], prepared.queries[n_eval:]
+    held_out = QuerySet(prepared.queries[:n_eval], truth_labels[:n_eval], prepared.eval_labels)
+    tuning = QuerySet(prepared.queries[n_eval:], truth_labels[n_eval:], prepared.tune_labels)
     t_tune = time.perf_counter()
-    params = tune(index, tune_q, truth_labels[n_eval:], prepared.tune_labels, recall_target)
+    tuned = tune(index, tuning, held_out, recall_target)
     log.info("index: tuned in %.1fs", time.perf_counter() - t_tune)
-    recall, _ = measure(index, eval_q, truth_labels[:n_eval], prepared.eval_labels)
+    recall = tuned.held_out.recall
     write_faiss(index, f"{staging}/index.faiss")
     meta = {
         "format_version": FORMAT_VERSION,
@@ -94,9 +95,15 @@ def finish(
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - started, 3),
         "train_size": prepared.train_size,
-        "search_params": params,
+        "search_params": tuned.params,
         "recall_at_10": round(recall, 4),
+        "recall_at_10_low": round(tuned.held_out.recall_low, 4),
         "recall_queries": n_eval,
+        "recall_target": recall_target,
+        "recall_target_met": tuned.target_met,
+        "recall_warning": tuned.warning,
+        "tuning_queries": len(prepared.tune_labels),
+        "tuning_curve": tuned.curve,
         "bytes": file_size(f"{staging}/index.faiss"),
         "has_thumbnails": ds.has_thumbnails,
         "embedpipe_version": __version__,
