@@ -232,40 +232,48 @@ def trusted_marker(meta: FileMetadata, read_at: float) -> str | None:
     return marker
 
 
-def _extension(path: str) -> str:
-    name = path.rstrip("/").rsplit("/", 1)[-1].lstrip(".").lower()
-    return name[name.index(".") :] if "." in name else "(no extension)"
+class _Others:
+    """What a listing held besides images, in bounded memory: counts by extension and by the format names imply."""
 
+    MAX_GROUPS = 100  # a folder of random names must not grow this without end
 
-def empty_input_message(pattern: str, paths: list[str], others: int = 0) -> str:
-    """What an input without an image held: counts of its files by extension, and the format they suggest.
+    def __init__(self) -> None:
+        self.files = 0
+        self.groups: dict[str, list] = {}  # extension with shard numbers masked -> [first one seen, count]
+        self.formats: collections.Counter = collections.Counter()
 
-    `paths` are the files found (none with an image extension); `others` counts entries
-    that were there but not readable.
-    """
-    where = storage.safe_text(pattern)
-    total = len(paths) + others
-    if not total:
-        top = pattern if not is_glob(pattern) else os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
-        gone = "://" not in pattern and top and not os.path.lexists(top)
-        return f"{where}: no files at all" + (f" ({storage.safe_text(top)} does not exist)" if gone else "")
-    # Shard numbers (-00003-of-00010) vary per file: grouped, shown as the first one found.
-    groups: dict[str, list] = {}
-    for path in paths:
-        ext = _extension(path)
-        groups.setdefault(re.sub(r"\d{3,}", "#", ext), [storage.safe_text(ext), 0])[1] += 1
-    common_few = sorted(groups.values(), key=lambda g: -g[1])[:3]
-    shown = ", ".join(f"{ext}: {n}" for ext, n in common_few) + (", ..." if len(groups) > 3 else "")
-    message = f"{where}: {total} file{'s' if total != 1 else ''}, none with an image extension"
-    message += f" ({shown})" if shown else ""
-    formats = collections.Counter(fmt for fmt in map(detect_format, paths) if fmt)
-    if formats:
-        message += f"; did you mean --input-format {formats.most_common(1)[0][0]}?"
-    return message
+    def add(self, path: str, readable: bool = True) -> None:
+        self.files += 1
+        if not readable:
+            return
+        name = path.rstrip("/").rsplit("/", 1)[-1].lstrip(".").lower()
+        ext = name[name.index(".") :] if "." in name else "(no extension)"
+        # Shard numbers (-00003-of-00010) vary per file: grouped, shown as the first one found.
+        key = re.sub(r"\d{3,}", "#", ext)
+        if key in self.groups or len(self.groups) < self.MAX_GROUPS:
+            self.groups.setdefault(key, [storage.safe_text(ext), 0])[1] += 1
+        fmt = detect_format(path)
+        if fmt:
+            self.formats[fmt] += 1
+
+    def message(self, pattern: str) -> str:
+        """`PATTERN: N files, none with an image extension (.ext: n, ...); did you mean --input-format F?`."""
+        where = storage.safe_text(pattern)
+        if not self.files:
+            top = pattern if not is_glob(pattern) else os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
+            gone = "://" not in pattern and top and not os.path.lexists(top)
+            return f"{where}: no files at all" + (f" ({storage.safe_text(top)} does not exist)" if gone else "")
+        common_few = sorted(self.groups.values(), key=lambda g: -g[1])[:3]
+        shown = ", ".join(f"{ext}: {n}" for ext, n in common_few) + (", ..." if len(self.groups) > 3 else "")
+        message = f"{where}: {self.files} file{'s' if self.files != 1 else ''}, none with an image extension"
+        message += f" ({shown})" if shown else ""
+        if self.formats:
+            message += f"; did you mean --input-format {self.formats.most_common(1)[0][0]}?"
+        return message
 
 
 class ListFilesFn(beam.DoFn):
-    """index of a pattern -> FileMetadata of every image file under it (or error rows, output "errors").
+    """A pattern (or its index) -> FileMetadata of every image file under it, and error rows (output "errors").
 
     The FileMetadata carries size and modification time (the change marker's parts) from the
     listing itself: no extra call per file, local or gs://. Its path is the real one, with
@@ -291,15 +299,12 @@ class ListFilesFn(beam.DoFn):
                 raise RuntimeError(f"cannot list input {pattern!r}: {exc}") from exc
         else:
             listing = list_local(pattern)
-        images, other_files, other_entries = 0, [], 0
+        images, others = 0, _Others()
         escaped: dict[str, str] = {}  # id -> path, for ids with a backslash: escaping could make two alike
         for entry in listing:
             path, exc = entry if isinstance(entry, tuple) else (entry.path, None)
             if not is_image_path(path) and not isinstance(exc, ListingError):
-                if exc is None:
-                    other_files.append(path)
-                else:
-                    other_entries += 1
+                others.add(path, readable=exc is None)
                 continue
             rid = relative_id(self._root, path)
             if exc is not None:
@@ -325,7 +330,7 @@ class ListFilesFn(beam.DoFn):
                     _uri(pattern).removesuffix("**").rstrip("/") + "/",
                     _uri(pattern),
                     reasons.EMPTY_INPUT,
-                    empty_input_message(pattern, other_files, other_entries),
+                    others.message(pattern),
                 ),
             )
 
