@@ -108,17 +108,24 @@ def test_single_file_and_shard_inputs_with_undecodable_names_are_read(tmp_path):
     odd = os.fsdecode(bytes(tmp_path) + b"/" + ODD)
     write(odd, png(2))
     shard = os.fsdecode(bytes(tmp_path) + b"/sh\xe9.tar")
-    with tarfile.open(shard, "w") as tar:
-        data = png(3)
-        info = tarfile.TarInfo("000.png")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    # Member names are bytes in a tar too (GNU format writes them as given); tarfile reads them back
+    # with surrogates, as the OS does for file names.
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i, member in enumerate(["000.png", os.fsdecode(b"\xe9t\xe9.png")]):
+            data = png(3 + i)
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     seen = run_read(
         InputSpec(paths=(odd, shard)),
-        images=[(ODD_ID, f"{tmp_path}/{ODD_ID}"), ("sh\\xe9.tar/000", f"{tmp_path}/sh\\xe9.tar#000.png")],
+        images=[
+            (ODD_ID, f"{tmp_path}/{ODD_ID}"),
+            ("sh\\xe9.tar/000", f"{tmp_path}/sh\\xe9.tar#000.png"),
+            ("sh\\xe9.tar/\\xe9t\\xe9", f"{tmp_path}/sh\\xe9.tar#\\xe9t\\xe9.png"),
+        ],
         errors=[],
     )
-    assert seen == 2
+    assert seen == 3
 
 
 def test_escaping_cannot_give_two_files_one_id(tmp_path):
