@@ -74,7 +74,9 @@ class SkipUnchangedFn(beam.DoFn):
     """FileMetadata -> itself (to be read), or (id, marker) on output "unchanged" when its marker is the previous row's.
 
     Runs on the listing, before any byte of the file is read. Side input: the previous
-    run's (id -> source_marker) map.
+    run's (id -> source_marker) map. The id is relative_id's, escaped text for a name
+    that is not UTF-8, the same that ReadFileFn gave the stored row, so such a file is
+    matched by its marker like any other.
     """
 
     def __init__(self, root: str) -> None:
