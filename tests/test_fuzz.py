@@ -117,7 +117,7 @@ SEEDS = {
     "tar": [_tar(), _tar(compress=True)],
     "tfrecord": [_tfrecord(), _tfrecord(compress=True)],
     "parquet": [_parquet()],
-    "urilist": [b"a.jpg\n# comment\n\nsub/b.jpg\n", b"uri,id\na.jpg,one\n,two\n\"b,c.jpg\",3\n"],
+    "urilist": [b"a.jpg\n# comment\n\nsub/b.jpg\n", b'uri,id\na.jpg,one\n,two\n"b,c.jpg",3\n'],
 }
 SUFFIX = {"tar": ".tar", "tfrecord": ".tfrecord", "parquet": ".parquet", "urilist": ".txt"}
 
