@@ -70,7 +70,7 @@ def recall_lower_bound(per_query: np.ndarray, z: float = 1.645) -> float:
     total = wanted.sum()
     if total == 0:
         return 1.0
-    recall = hits.sum() / total
+    recall = float(hits.sum() / total)
     n = len(per_query)
     if n < 2:
         return recall
@@ -150,7 +150,7 @@ def tune(index: faiss.Index, tuning: QuerySet, held_out: QuerySet, target: float
     ladder = _ladder(index)
     if ladder is None:
         m = measure(index, held_out.queries, held_out.truth, held_out.labels)
-        return Tuning({}, m, m.recall_low >= target or m.recall >= 1.0, [])
+        return Tuning({}, m, bool(m.recall_low >= target or m.recall >= 1.0), [])
     name, floor, candidates = ladder
     space = faiss.ParameterSpace()
     on_tuning: dict[int, Measurement] = {}
