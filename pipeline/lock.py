@@ -1,6 +1,4 @@
-"""One nightly run at a time per run root: the lock ROOT/nightly.lock.
-
-**The nightly lock** is `ROOT/nightly.lock`:
+"""One nightly run at a time per run root: the lock `ROOT/nightly.lock`.
 
 - Local roots: `fcntl.flock` on the file. The kernel drops the lock when the holding
   process exits, however it exits, so a killed run never leaves a stale lock behind. The
@@ -57,12 +55,26 @@ def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _field(info: dict, key: str) -> str:
+    # A lock file is anyone's to write: its fields reach the message as one short line of text.
+    return " ".join(safe_text(str(info.get(key, "?"))).split())[:100] or "?"
+
+
 def _holder(info: dict) -> str:
     """`run R, pid P on host H, started T` of a lock's content (fields may be missing)."""
     return (
-        f"run {info.get('run_id', '?')}, pid {info.get('pid', '?')} on host {info.get('host', '?')}, "
-        f"started {info.get('started_at', '?')}"
+        f"run {_field(info, 'run_id')}, pid {_field(info, 'pid')} on host {_field(info, 'host')}, "
+        f"started {_field(info, 'started_at')}"
     )
+
+
+def _parse(content: bytes) -> dict | None:
+    """A lock's content as a dict, or None when it is not one of ours (empty, not JSON, not an object)."""
+    try:
+        info = json.loads(content)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 class _Lock:
@@ -125,14 +137,13 @@ class LocalLock(_Lock):
 
     def _held_message(self, content: bytes) -> str:
         root = safe_text(os.path.dirname(self.path))
-        try:
-            info = json.loads(content)
-        except ValueError:  # the holder is between taking the lock and writing its name
+        info = _parse(content)
+        if info is None:  # the holder is between taking the lock and writing its name
             return f"another nightly run holds the lock on {root} (it is just starting); wait for it to finish"
         return (
             f"another nightly run holds the lock on {root} ({_holder(info)}); wait for it to finish. A local lock "
-            f"is released when its process exits, so that process is still running (`kill {info.get('pid')}` on "
-            f"{info.get('host')} stops it if it is stuck)"
+            f"is released when its process exits, so that process is still running (`kill {_field(info, 'pid')}` "
+            f"on {_field(info, 'host')} stops it if it is stuck)"
         )
 
     def release(self) -> None:
@@ -189,11 +200,9 @@ class GcsLock(_Lock):
             if current is None:
                 continue  # released meanwhile
             try:
-                holder = json.loads(current.download_as_bytes(if_generation_match=current.generation))
+                holder = _parse(current.download_as_bytes(if_generation_match=current.generation)) or {}
             except (NotFound, PreconditionFailed):
                 continue
-            except ValueError:
-                holder = {}  # not our JSON: judged by its age alone
             if holder.get("token") == self.info["token"]:
                 self._generation = current.generation  # our create went through; its reply was lost
                 break
@@ -240,16 +249,26 @@ class GcsLock(_Lock):
                     self._stamp(), content_type="application/json", if_generation_match=self._generation
                 )
                 self._generation = blob.generation
+                return
             except (NotFound, PreconditionFailed):
-                current = self._bucket.get_blob(self._name)
-                theirs = json.loads(current.download_as_bytes()) if current is not None else {}
-                if theirs.get("token") == self.info["token"]:
-                    self._generation = current.generation  # our rewrite went through; its reply was lost
-                else:
-                    self._lost = f"the lock {self.path} was taken over ({_holder(theirs) if theirs else 'deleted'})"
-                    log.error("embedpipe nightly: %s; this run will not publish", self._lost)
-            except Exception as exc:  # a transient error: the next beat tries again, long before the lock is stale
+                pass  # broken or deleted, or our rewrite went through and only its reply was lost
+            except Exception as exc:  # transient: the next beat tries again, long before the lock is stale
                 log.warning("embedpipe nightly: lock heartbeat failed (%s); retrying", exc)
+                return
+            try:
+                current = self._bucket.get_blob(self._name)
+                theirs = _parse(current.download_as_bytes(if_generation_match=current.generation)) if current else {}
+            except NotFound:
+                current, theirs = None, {}
+            except Exception as exc:  # changed again while read, or transient: look at the next beat
+                log.warning("embedpipe nightly: could not read the lock back (%s); retrying", exc)
+                return
+            if current is not None and (theirs or {}).get("token") == self.info["token"]:
+                self._generation = current.generation
+            else:
+                who = _holder(theirs) if theirs else ("deleted" if current is None else "not an embedpipe lock now")
+                self._lost = f"the lock {self.path} was taken over ({who})"
+                log.error("embedpipe nightly: %s; this run will not publish", self._lost)
 
     def check(self) -> None:
         with self._mutex:
@@ -274,6 +293,13 @@ class GcsLock(_Lock):
                 self._bucket.blob(self._name).delete(if_generation_match=generation)
             except (NotFound, PreconditionFailed):
                 log.warning("embedpipe nightly: the lock %s was taken over; left to its new holder", self.path)
+            except Exception as exc:  # the run's own outcome stands; the lock goes stale and is broken later
+                log.warning(
+                    "embedpipe nightly: could not release %s (%s); the next run breaks it once it is %.1f h old",
+                    self.path,
+                    exc,
+                    self._stale_after / 3600,
+                )
 
 
 def acquire(

@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.api_core.exceptions import NotFound, PreconditionFailed, ServiceUnavailable
 from odd_images import encode, photo
 
 import pipeline.nightly as nightly_module
@@ -52,6 +52,7 @@ class FakeGcs:
         self.generation = 1000
         self.before_delete = None  # a hook to interleave another run between a read and a delete
         self.lose_next_reply = False  # the next upload succeeds, but its caller sees the retry's 412
+        self.unavailable: set[str] = set()  # calls ("upload", "delete") that fail once with a 503
 
     def bucket(self, name: str) -> FakeBucket:  # google.cloud.storage.Client.bucket
         return FakeBucket(self, name)
@@ -94,10 +95,17 @@ class FakeBlob:
         if current[1] != if_generation_match:
             raise PreconditionFailed("At least one of the pre-conditions you specified did not hold.")
 
+    def _maybe_unavailable(self, call: str) -> None:
+        if call in self.store.unavailable:
+            self.store.unavailable.discard(call)
+            raise ServiceUnavailable("We encountered an internal error. Please try again.")
+
     def upload_from_string(self, data, content_type="text/plain", if_generation_match=None) -> None:
+        self._maybe_unavailable("upload")
         self._check(if_generation_match, missing_is_404=False)
         self.store.generation += 1
-        self.store.objects[self.name] = (bytes(data), self.store.generation, self.store.clock())
+        data = data.encode("utf-8") if isinstance(data, str) else bytes(data)  # as the real client does
+        self.store.objects[self.name] = (data, self.store.generation, self.store.clock())
         self.generation = self.store.generation
         if self.store.lose_next_reply:
             self.store.lose_next_reply = False
@@ -108,6 +116,7 @@ class FakeBlob:
         return self.store.objects[self.name][0]
 
     def delete(self, if_generation_match=None) -> None:
+        self._maybe_unavailable("delete")
         if self.store.before_delete is not None:
             hook, self.store.before_delete = self.store.before_delete, None
             hook()
@@ -196,6 +205,34 @@ def test_a_create_whose_reply_was_lost_is_recognised_as_ours(store):
     held.check()
     held.release()
     assert NAME not in store.objects
+
+
+def test_transient_errors_neither_lose_the_lock_nor_fail_the_run(store):
+    held = gcs_lock(store, "r1")
+    generation = store.objects[NAME][1]
+    store.unavailable.add("upload")
+    held.beat()  # a 503: logged, tried again at the next beat
+    assert store.objects[NAME][1] == generation
+    held.check()
+    held.beat()
+    assert store.objects[NAME][1] > generation
+    store.unavailable.add("delete")
+    held.release()  # a 503 on release is logged; the lock goes stale and the next run breaks it
+    store.clock.now += 2 * 3600 + 1
+    gcs_lock(store, "r2").release()
+
+
+def test_a_lock_someone_else_wrote_is_reported_on_one_line(store):
+    store.bucket("bucket").blob(NAME).upload_from_string(
+        json.dumps({"run_id": "x\ny", "host": "evil\r\nhost", "pid": [1, 2]}), if_generation_match=0
+    )
+    with pytest.raises(locks.LockHeldError) as refused:
+        gcs_lock(store, "r1")
+    assert "\n" not in str(refused.value) and "\r" not in str(refused.value)
+    assert "(run x y, pid [1, 2] on host evil host, started ?, last heartbeat 0 min ago)" in str(refused.value)
+    store.objects[NAME] = (b"[not, json", store.objects[NAME][1], store.objects[NAME][2])
+    with pytest.raises(locks.LockHeldError, match=r"\(run \?, pid \? on host \?, started \?, last heartbeat"):
+        gcs_lock(store, "r1")
 
 
 def test_the_heartbeat_thread_rewrites_the_lock(store):
