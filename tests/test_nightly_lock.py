@@ -263,6 +263,19 @@ def test_other_schemes_are_refused_unless_the_lock_is_turned_off():
         held.check()
 
 
+def test_a_run_whose_lock_was_broken_does_not_publish(store, tmp_path):
+    held = gcs_lock(store, "r2")  # a driver that then stalls for hours: its lock is broken as stale
+    store.clock.now += 3 * 3600
+    gcs_lock(store, "r3")
+    root = tmp_path / "root"
+    (root / "runs" / "r2").mkdir(parents=True)
+    (root / "LATEST").write_text("r1\n")
+    with pytest.raises(nightly_module.ValidationError, match=r"nightly.lock is no longer this run's"):
+        nightly_module._publish(str(root), "r2", str(root / "runs" / "r2"), {"run_id": "r2"}, held, 0.0)
+    assert read_latest(str(root)) == "r1"
+    assert json.loads((root / "runs/r2/manifest.json").read_text())["published"] is False
+
+
 # ---------------------------------------------------------------- local: flock
 
 
