@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 
 from pipeline import __version__
 from pipeline.config import DEFAULT_MAX_PIXELS, POOLINGS, PRECISIONS, RESIZE_MODES, EmbedConfig, ModelConfig
@@ -55,6 +56,12 @@ def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     )
     if output:
         p.add_argument("--output", required=True, help="output directory (embeddings/, errors/, manifest.json)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a non-empty --output that embedpipe did not write (default: refuse; embedpipe "
+            "replaces only embeddings/*.parquet, errors/*.parquet and manifest.json there)",
+        )
     add_input_arguments(p)
     _add_model_args(p)
     g = p.add_argument_group("execution")
@@ -162,13 +169,14 @@ def cmd_embed(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.dry_run:
         print_plan(plan_embed(cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu))
         return 0
-    manifest = run_embed(cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu)
+    manifest = run_embed(cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu, overwrite=args.overwrite)
     print_summary(manifest)
     return 0
 
 
 def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipeline.job import plan_embed
+    from pipeline.lock import LockHeldError
     from pipeline.nightly import NightlyConfig, ValidationError, run_nightly
 
     cfg = NightlyConfig(
@@ -184,6 +192,9 @@ def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
         workers=args.workers,
         require_gpu=args.require_gpu,
         verify_content=args.verify_content,
+        overwrite=args.overwrite,
+        lock=not args.no_lock,
+        lock_stale_after=args.lock_stale_after,
     )
     if args.dry_run:
         embed_cfg = dataclasses.replace(cfg.embed, output=f"{args.root.rstrip('/')}/runs/<run-id>")
@@ -194,6 +205,9 @@ def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
     except ValidationError as exc:
         print(f"embedpipe nightly: NOT published: {exc}", file=sys.stderr)
         return 3
+    except LockHeldError as exc:
+        print(f"embedpipe nightly: {exc}", file=sys.stderr)
+        return 4
     print_summary(manifest)
     c = manifest["counts"]
     print(f"  deleted   {c['deleted']}")
@@ -238,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed --input into ROOT/runs/<run-id>/, reusing the LATEST run's embeddings of unchanged "
         "images (same id, same sha256, same model; plain files whose size and mtime are unchanged are not even "
         "read), build the index, validate, and only then point ROOT/LATEST "
-        "at the new run. Exit 3 when validation fails (LATEST unchanged). Other options go to Beam.",
+        "at the new run. One run at a time per root (ROOT/nightly.lock). Exit 3 when the run is not published "
+        "(validation failed, or a later run published first: LATEST unchanged), 4 when another run holds the "
+        "lock. Other options go to Beam.",
     )
     _add_embed_args(nightly, output=False)
     n = nightly.add_argument_group("nightly")
@@ -251,7 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="read and hash every file even when its size and mtime are unchanged (default: trust those change "
         "markers and skip reading unchanged files; docs/DESIGN-NOTES.md, 'Change markers')",
     )
-    n.add_argument("--keep", type=int, default=0, help="after publishing, keep only the newest N runs (0: keep all)")
+    n.add_argument(
+        "--keep",
+        type=int,
+        default=0,
+        help="after publishing, keep only the newest N runs (0: keep all); only folders that are embedpipe runs "
+        "are counted and pruned",
+    )
+    n.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="use a non-empty --root that embedpipe did not create (default: refuse)",
+    )
+    n.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="do not take ROOT/nightly.lock (needed on roots other than local and gs://); you then make sure "
+        "only one nightly run uses the root at a time",
+    )
+    n.add_argument(
+        "--lock-stale-after",
+        type=float,
+        default=7200.0,
+        metavar="SECONDS",
+        help="gs:// roots: a lock whose heartbeat is older than this belongs to a dead run and is broken "
+        "(default 7200: 2 h; the holder rewrites it every 5 min)",
+    )
     n.add_argument("--index", default="auto", help="index type (auto|flat|ivf-flat|ivf-sq8|ivf-pq|hnsw|factory string)")
     n.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="index metric (default cosine)")
     n.add_argument("--memory-budget", default="4GB", help="memory the index may use (default 4GB)")
@@ -280,7 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # `embedpipe embed ... -v` works as well as `embedpipe -v embed ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the innermost line of its text (Beam nests tracebacks in it)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    nested = "Traceback (most recent call last)" in str(exc)
+    text = (lines[-1] if nested else lines[0]) if lines else ""
+    text = text if len(text) <= 500 else text[:497] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CountsMismatchError as exc:
         print(f"embedpipe: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # anything unforeseen: one line, the traceback only when asked for
+        if args.verbose:
+            traceback.print_exc()
+            print(f"embedpipe: error: {_one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"embedpipe: error: {_one_line(exc)} (run with -v for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -4,8 +4,13 @@ Output layout (any Beam filesystem):
     OUTPUT/embeddings/part-*.parquet
     OUTPUT/errors/part-*.parquet
     OUTPUT/manifest.json          written last: its presence means the output is whole
-The pipeline writes into OUTPUT/_staging-<token>/; only after the counts check
+    OUTPUT/.embedpipe.json        written first: the folder is embedpipe's
+The pipeline writes into OUTPUT/_staging-<time>-<token>/; only after the counts check
 out are the files moved into place and the manifest written.
+
+A run deletes only what it writes (pipeline/ownership.py): the Parquet files directly under
+embeddings/ and errors/, manifest.json, its own staging folder (kept when the counts do not
+add up) and staging folders of killed runs older than a day.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, EmbedConfig
 from pipeline.decode import DecodeImages
 from pipeline.dedup import DedupIds
 from pipeline.embed import EmbedImages
+from pipeline.ownership import claim, is_embed_output, remove_tree, staging_name, sweep_staging
 from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
 from pipeline.records import embeddings_schema
 from pipeline.reuse import PreviousKeys, ReuseUnchanged
@@ -264,6 +270,27 @@ def _move_dir(src: str, dst: str) -> None:
         FileSystems.rename(files, [f"{dst.rstrip('/')}/{os.path.basename(f)}" for f in files])
 
 
+def _manifest(cfg: EmbedConfig, out: str, counts: dict, **fields) -> dict:
+    """The manifest of a finished run (everything but the pipeline's own figures comes from cfg)."""
+    return {
+        "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
+        "output": out,
+        "model": cfg.model.fingerprint(),
+        "model_config": {
+            "image_size": cfg.model.image_size,
+            "pooling": cfg.model.pooling,
+            "weights": cfg.model.weights,
+            "seed": cfg.model.seed,
+            "resize": cfg.model.resize,
+            "precision": cfg.model.precision,
+        },
+        "embedding_dim": 2048,
+        "thumbnails": cfg.thumbnails,
+        "counts": counts,
+        **fields,
+    }
+
+
 def run_embed(
     cfg: EmbedConfig,
     beam_args: list[str] | None = None,
@@ -273,6 +300,7 @@ def run_embed(
     previous_files: list[str] | None = None,
     verify_content: bool = False,
     preflight: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Run the embedding job to completion and return its manifest (also written to OUTPUT).
 
@@ -284,17 +312,45 @@ def run_embed(
         previous_files: embeddings files of a previous run by the same model, to reuse.
         verify_content: read and hash every file even where its change marker is unchanged.
         preflight: check the weights in the driver before starting (local runners).
+        overwrite: write into a non-empty OUTPUT that embedpipe did not write (else NotOwnedError).
     """
+    out = cfg.output.rstrip("/")
+    claim(
+        out, kind="output", what="--output", overwrite=overwrite, accepts=("output", "run"), recognised=is_embed_output
+    )
+    sweep_staging(out)
     options = pipeline_options(list(beam_args or []), workers=workers)
     if preflight and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
         # Local workers share this machine's Keras cache: fetch (or fail) once, up front.
         from pipeline.model import ensure_weights_available
 
         ensure_weights_available(cfg.model)
-    out = cfg.output.rstrip("/")
-    staging = f"{out}/_staging-{uuid.uuid4().hex[:12]}"
     embedded_at = utc_now()
-    fingerprint = cfg.model.fingerprint()
+    staging = f"{out}/{staging_name(embedded_at)}"
+    try:
+        manifest = _run_and_count(
+            cfg, options, staging, embedded_at, workers, require_gpu, previous_files, verify_content
+        )
+        if FileSystems.exists(f"{out}/manifest.json"):
+            FileSystems.delete([f"{out}/manifest.json"])  # the output is in flux until it is back
+        _move_dir(f"{staging}/embeddings", f"{out}/embeddings")
+        _move_dir(f"{staging}/errors", f"{out}/errors")
+    except CountsMismatchError:
+        raise  # its staged output is kept for inspection, and the message says where
+    except BaseException:
+        try:
+            remove_tree(staging)
+        except Exception as exc:  # the original failure matters more; the next run sweeps it
+            log.warning("embedpipe: could not remove %s: %s", staging, exc)
+        raise
+    remove_tree(staging)
+    write_json_atomic(f"{out}/manifest.json", manifest)
+    return manifest
+
+
+def _run_and_count(cfg, options, staging, embedded_at, workers, require_gpu, previous_files, verify_content) -> dict:
+    """Run the pipeline into `staging` and return the manifest; CountsMismatchError if rows go missing."""
+    out = cfg.output.rstrip("/")
     start = time.perf_counter()
     p = build_embed_pipeline(
         cfg,
@@ -314,7 +370,8 @@ def run_embed(
     rows = count_rows(f"{staging}/embeddings")
     reasons = error_reasons(f"{staging}/errors")
     failed = sum(reasons.values())
-    seen = _counter(result, "images_seen")
+    # Beam reports no counter at all when nothing incremented it: nothing was read.
+    seen = _counter(result, "images_seen") or 0
     # Counted from the output, not from the reuse counter: a reused id read twice is carried
     # twice and one copy becomes a duplicate_id error, so only the rows written are reused.
     embedded = count_stamped(f"{staging}/embeddings", embedded_at)
@@ -323,39 +380,21 @@ def run_embed(
     if previous_files is not None:
         # Of the reused images, how many were not even read (change marker unchanged).
         counts["reused_by_marker"] = min(reused, _counter(result, "images_reused_by_marker") or 0)
-    manifest = {
-        "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
-        "output": out,
-        "model": fingerprint,
-        "model_config": {
-            "image_size": cfg.model.image_size,
-            "pooling": cfg.model.pooling,
-            "weights": cfg.model.weights,
-            "seed": cfg.model.seed,
-            "resize": cfg.model.resize,
-            "precision": cfg.model.precision,
-        },
-        "embedding_dim": 2048,
-        "thumbnails": cfg.thumbnails,
-        "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu),
-        "embedded_at": embedded_at.isoformat(),
-        "counts": counts,
-        "failed_by_reason": reasons,
-        "model_loads": _counter(result, "model_loads"),
-        "runner": options.view_as(StandardOptions).runner,
-        "workers": workers,
-        "wall_seconds": round(wall, 3),
-        "images_per_second": round(embedded / wall, 3) if wall > 0 else None,
-    }
-    if seen is not None and seen != embedded + reused + failed:
+    if seen != embedded + reused + failed:
         raise CountsMismatchError(
             f"counts do not add up: seen {seen} != embedded {embedded} + reused {reused} + failed {failed}; "
             f"staged output left at {staging} for inspection, nothing published"
         )
-    if FileSystems.exists(f"{out}/manifest.json"):
-        FileSystems.delete([f"{out}/manifest.json"])  # the output is in flux until it is back
-    _move_dir(f"{staging}/embeddings", f"{out}/embeddings")
-    _move_dir(f"{staging}/errors", f"{out}/errors")
-    FileSystems.delete([staging])
-    write_json_atomic(f"{out}/manifest.json", manifest)
-    return manifest
+    return _manifest(
+        cfg,
+        out,
+        counts,
+        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu),
+        embedded_at=embedded_at.isoformat(),
+        failed_by_reason=reasons,
+        model_loads=_counter(result, "model_loads"),
+        runner=options.view_as(StandardOptions).runner,
+        workers=workers,
+        wall_seconds=round(wall, 3),
+        images_per_second=round(embedded / wall, 3) if wall > 0 else None,
+    )

@@ -4,11 +4,18 @@ Layout (any Beam filesystem: local, gs://, s3://):
     ROOT/runs/<run-id>/embeddings/  errors/  index/  manifest.json
     ROOT/LATEST        the run id of the newest run that finished AND validated
 
-Order of work: embed (reusing the LATEST run's unchanged rows) -> build the index
--> validate -> write the run manifest -> switch LATEST. LATEST is replaced in a
-single rename, so a reader sees yesterday's run or today's, never a half-written
-pointer, and never a run that is still being written. A run killed at any point
-leaves LATEST and every earlier run untouched; the next run starts afresh.
+Order of work: take the root's lock (one nightly run at a time: pipeline/lock.py) ->
+embed (reusing the LATEST run's unchanged rows) -> build the index -> validate -> write
+the run manifest -> switch LATEST. LATEST is replaced in a single rename, so a reader sees
+yesterday's run or today's, never a half-written pointer, and never a run that is still
+being written. A run killed at any point leaves LATEST and every earlier run untouched;
+the next run starts afresh.
+
+LATEST only moves forward: a run whose id sorts at or before it is refused at the start,
+and at publish time, still under the lock, LATEST is read again and replaced only by a
+later run id. The root, each run folder and what `--keep` prunes are embedpipe's own
+(pipeline/ownership.py): a folder under runs/ is pruned only when its manifest or its
+marker names it as that run.
 
 Unchanged image files (same size and mtime as recorded with the LATEST run's row)
 are reused without being read; `verify_content` reads and hashes every file instead
@@ -22,19 +29,30 @@ import dataclasses
 import datetime
 import json
 import logging
+import re
 import time
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import lock as locks
 from pipeline.config import EMBEDDING_DIM, EmbedConfig
 from pipeline.job import parquet_files, run_embed, write_json_atomic
+from pipeline.ownership import MARKER_NAME, claim, is_embed_output, remove_tree
+from pipeline.storage import read_bounded
 
 log = logging.getLogger(__name__)
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a single folder name, never a path
+
+
 class ValidationError(RuntimeError):
     """The run is not fit to publish; LATEST stays where it was."""
+
+
+class RunIdError(ValueError):
+    """A run id that is not a plain name, or that does not sort after the published LATEST."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +73,9 @@ class NightlyConfig:
     # Read and hash every file even when its change marker (size + mtime) is unchanged: for
     # sources whose mtimes can't be trusted (docs/DESIGN-NOTES.md, "Change markers").
     verify_content: bool = False
+    overwrite: bool = False  # write into a non-empty root (or run folder) embedpipe did not make
+    lock: bool = True  # False: the operator makes sure one run at a time uses the root
+    lock_stale_after: float = locks.DEFAULT_STALE_AFTER  # gs:// roots: seconds without a heartbeat
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
@@ -62,17 +83,30 @@ def new_run_id(now: datetime.datetime | None = None) -> str:
     return (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            return f.read().decode().strip()
+def _read_text(path: str, limit: int = 16 << 20) -> str | None:
+    try:  # regular files only, and bounded: a FIFO or a huge file in the root never hangs a night
+        return read_bounded(path, limit).decode().strip()
     except Exception:  # missing: no run published yet
         return None
 
 
 def read_latest(root: str) -> str | None:
-    """The published run id, or None before the first successful night."""
-    return _read_text(f"{root.rstrip('/')}/LATEST") or None
+    """The published run id, or None before the first successful night.
+
+    Raises:
+        ValueError: LATEST exists but is unreadable or names no run id (LATEST only moves
+            forward, so a run never guesses what it pointed at).
+    """
+    path = f"{root.rstrip('/')}/LATEST"
+    if not FileSystems.exists(path):
+        return None
+    try:
+        text = read_bounded(path, 4096).decode().strip()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); put the published run id in it, or remove it") from exc
+    if text and not RUN_ID.fullmatch(text):
+        raise ValueError(f"{path} holds {text[:80]!r}, not a run id; put the published run id in it, or remove it")
+    return text or None
 
 
 def latest_run_dir(root: str) -> str | None:
@@ -101,18 +135,27 @@ def _ids(directory: str) -> set[str]:
     return ids
 
 
-def _run_ids(root: str) -> list[str]:
+def _names_run(path: str, run_id: str, **expected) -> bool:
     try:
-        found = FileSystems.match([f"{root}/runs/**"])[0].metadata_list
-    except Exception:
-        return []
-    prefix = f"{root}/runs/"
-    return sorted({m.path[len(prefix) :].split("/", 1)[0] for m in found if m.path.startswith(prefix)})
+        payload = json.loads(_read_text(path) or "null")
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("run_id") == run_id and expected.items() <= payload.items()
 
 
-def _delete_run(root: str, run_id: str) -> None:
-    path = f"{root}/runs/{run_id}"
-    FileSystems.delete([path if "://" not in path else path + "/"])
+def embedpipe_runs(root: str) -> list[str]:
+    """Sorted ids of the folders under ROOT/runs/ that are embedpipe runs (manifest or marker names the run)."""
+    prefix, ids = f"{root}/runs/", set()
+    for name, expected in (("manifest.json", {}), (MARKER_NAME, {"kind": "run"})):
+        try:
+            found = FileSystems.match([f"{prefix}*/{name}"])[0].metadata_list
+        except Exception:  # nothing matched, on filesystems that raise for that
+            found = []
+        for m in found:
+            run = m.path[len(prefix) :].split("/", 1)[0]
+            if run not in ids and _names_run(m.path, run, **expected):
+                ids.add(run)
+    return sorted(ids)
 
 
 def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str, recall_floor: float) -> None:
@@ -145,19 +188,38 @@ def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str
 
 
 def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
-    """Embed, index, validate and publish one run; returns its manifest."""
-    from pipeline.index.build import build_index
+    """Embed, index, validate and publish one run under the root's lock; returns its manifest.
 
+    Raises:
+        RunIdError: the run id is not a plain name or does not sort after LATEST.
+        NotOwnedError: the root is not empty and embedpipe did not make it (without `overwrite`).
+        LockHeldError: another nightly run holds the root's lock.
+        ValidationError: the run is not published (failed checks, lost lock, a later run published first).
+    """
     start = time.perf_counter()
     root = cfg.root.rstrip("/")
     run_id = cfg.run_id or new_run_id()
+    if not RUN_ID.fullmatch(run_id):
+        raise RunIdError(f"run id {run_id!r} must be a plain name: letters, digits, '.', '_' and '-' (at most 128)")
+    claim(root, kind="root", what="--root", overwrite=cfg.overwrite, recognised=lambda r: bool(embedpipe_runs(r)))
+    with locks.acquire(root, run_id=run_id, enabled=cfg.lock, stale_after=cfg.lock_stale_after) as held:
+        return _run_locked(cfg, beam_args, root, run_id, held, start)
+
+
+def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, start: float) -> dict:
+    from pipeline.index.build import build_index
+
     run_dir = f"{root}/runs/{run_id}"
     latest = read_latest(root)
-    if run_id == latest:
-        raise ValidationError(f"run {run_id} is the published LATEST run; choose another --run-id")
-    if FileSystems.exists(f"{run_dir}/manifest.json") or FileSystems.exists(f"{run_dir}/embeddings"):
+    if latest is not None and run_id <= latest:
+        raise RunIdError(
+            f"run id {run_id} sorts at or before the published LATEST run {latest}, and LATEST only moves forward; "
+            "give a later --run-id (or none: the default, the UTC start time, sorts after earlier runs)"
+        )
+    if run_id in embedpipe_runs(root):
         log.warning("embedpipe nightly: clearing unfinished run %s", run_dir)
-        _delete_run(root, run_id)
+        remove_tree(run_dir)
+    claim(run_dir, kind="run", what="run folder", overwrite=cfg.overwrite, recognised=is_embed_output, run_id=run_id)
 
     fingerprint = cfg.embed.model.fingerprint()
     previous_dir = f"{root}/runs/{latest}" if latest else None
@@ -189,6 +251,7 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
         previous_files=previous_files,
         verify_content=cfg.verify_content,
         preflight=False,  # a night with nothing to embed must not import TensorFlow
+        overwrite=cfg.overwrite,
     )
     deleted = 0
     if previous_dir:
@@ -203,7 +266,7 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
     try:
         validate(run_dir, manifest, index_info, fingerprint=fingerprint, recall_floor=cfg.recall_floor)
     except ValidationError as exc:
-        manifest.update(run_id=run_id, validated=False, validation_error=str(exc))
+        manifest.update(run_id=run_id, validated=False, published=False, validation_error=str(exc))
         write_json_atomic(f"{run_dir}/manifest.json", manifest)  # kept for inspection, never published
         raise
 
@@ -216,16 +279,36 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
             k: index_info.get(k) for k in ("index_type", "factory", "ntotal", "recall_at_10", "search_params", "bytes")
         },
         validated=True,
+    )
+    _publish(root, run_id, run_dir, manifest, held, start)
+    log.warning("embedpipe nightly: published run %s (LATEST was %s)", run_id, latest)
+
+    if cfg.keep > 0:
+        for old in embedpipe_runs(root)[: -cfg.keep]:
+            if old != run_id:
+                log.warning("embedpipe nightly: pruning run %s (--keep %d)", old, cfg.keep)
+                remove_tree(f"{root}/runs/{old}")
+    return manifest
+
+
+def _publish(root: str, run_id: str, run_dir: str, manifest: dict, held, start: float) -> None:
+    """Point LATEST at the run, if this run still holds the lock and no later run was published meanwhile."""
+    try:
+        held.check()
+        current = read_latest(root)  # read again: only a later run id may replace it
+        if current is not None and current >= run_id:
+            raise ValidationError(
+                f"run {run_id} is valid but LATEST already names {current}, a later run published meanwhile; "
+                "LATEST only moves forward"
+            )
+    except (locks.LockLostError, ValidationError) as exc:
+        manifest.update(published=False, validation_error=str(exc))
+        write_json_atomic(f"{run_dir}/manifest.json", manifest)
+        raise ValidationError(str(exc)) from exc
+    manifest.update(
+        published=True,
         published_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         wall_seconds=round(time.perf_counter() - start, 3),
     )
     write_json_atomic(f"{run_dir}/manifest.json", manifest)
     _write_text_atomic(f"{root}/LATEST", run_id + "\n")  # the publish: one rename
-    log.warning("embedpipe nightly: published run %s (LATEST was %s)", run_id, latest)
-
-    if cfg.keep > 0:
-        for old in _run_ids(root)[: -cfg.keep]:
-            if old != run_id:
-                log.warning("embedpipe nightly: pruning run %s (--keep %d)", old, cfg.keep)
-                _delete_run(root, old)
-    return manifest

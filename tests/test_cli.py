@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipeline.cli import build_parser, main
@@ -44,6 +45,33 @@ def test_bad_option_values_are_clear_errors(capsys, tmp_path):
     code = main(["embed", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--image-size", "16"])
     assert code == 2
     assert "image_size must be >= 32" in capsys.readouterr().err
+
+
+def test_unexpected_errors_are_one_line_and_v_shows_the_traceback(tmp_path, capsys):
+    from pipeline.index.io import write_embeddings
+
+    data = write_embeddings(str(tmp_path / "data"), np.eye(40, 8, dtype=np.float32) + 1, model="m")
+    (tmp_path / "file").write_text("a file, where the index folder's parent should be")
+    argv = ["index", "--embeddings", data, "--output", str(tmp_path / "file" / "ix"), "--index", "flat"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("embedpipe: error: OSError: ") and "Not a directory" in err[0]
+    assert err[0].endswith(" (run with -v for the traceback)")
+    assert main([*argv, "-v"]) == 1  # -v after the subcommand, where people add it
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "embedpipe: error: OSError: " in err
+
+
+def test_one_line_takes_the_innermost_error_of_a_nested_traceback():
+    from pipeline.cli import _one_line
+
+    nested = RuntimeError(
+        'Pipeline failed: Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+        "ValueError: bad pixel [while running 'EmbedImages']\n"
+    )
+    assert _one_line(nested) == "RuntimeError: ValueError: bad pixel [while running 'EmbedImages']"
+    assert _one_line(KeyError()) == "KeyError"
 
 
 def _env(tmp_path) -> dict:

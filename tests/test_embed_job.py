@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from embed_helpers import embed, embeddings_by_id, errors_by_id, read_dir
+from embed_helpers import embed, embeddings_by_id, errors_by_id, manifest, read_dir
 from odd_images import encode, photo, write_corpus
 
 from pipeline.records import ERRORS_SCHEMA, embeddings_schema
@@ -136,3 +136,11 @@ def test_rerun_gives_identical_embeddings_and_replaces_output(corpus, run1):
     for key in vectors1:
         assert np.array_equal(vectors2[key], vectors1[key]), key
     assert set(errors_by_id(out)) == set(errors1)
+
+
+def test_a_run_that_reads_nothing_counts_zero_not_null(tmp_path):
+    (tmp_path / "empty").mkdir()
+    m = embed(tmp_path / "empty", tmp_path / "out")
+    c = m["counts"]
+    assert isinstance(c["seen"], int) and c["seen"] == c["embedded"] + c["reused"] + c["failed"]
+    assert manifest(tmp_path / "out")["counts"] == c

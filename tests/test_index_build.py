@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.cli import main
 from pipeline.index import build as build_module
 from pipeline.index.build import build_index
 from pipeline.index.io import scan_dataset, write_embeddings
@@ -357,3 +358,19 @@ def test_cli_builds_and_prints_a_summary(data64, tmp_path, capsys):
     options = {o for a in index_parser._actions for o in a.option_strings if a.dest != "help" and a.help}
     assert options >= {"--embeddings", "--output", "--index", "--metric", "--memory-budget", "--distributed"}
     assert options >= {"--workers", "--seed", "--recall-target"}, "every option has help text"
+
+
+def test_cli_refuses_embeddings_without_a_manifest(tmp_path, capsys):
+    root = write_embeddings(str(tmp_path / "half"), clustered(200, 16), model=MODEL)
+    os.remove(tmp_path / "half" / "manifest.json")  # what an embed run that never finished leaves behind
+    argv = ["index", "--output", str(tmp_path / "ix"), "--index", "flat"]
+    for target in (root, f"{root}/embeddings"):
+        assert main([*argv, "--embeddings", target]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(
+            f"embedpipe: error: {root}/manifest.json is missing, so {root}/embeddings is an unfinished"
+        )
+        assert "\n" not in err and err.endswith("or pass --allow-no-manifest to index these files as they are")
+    assert not (tmp_path / "ix").exists()
+    assert main([*argv, "--embeddings", root, "--allow-no-manifest"]) == 0
+    assert json.loads((tmp_path / "ix" / "index.json").read_text())["ntotal"] == 200

@@ -135,20 +135,26 @@ def test_changes_are_embedded_deletions_dropped_and_the_index_answers(two_runs, 
 def test_model_change_reembeds_everything(two_runs, corpus):
     root, _ = two_runs
     latest = read_latest(str(root))
+    # Folders under runs/ that are not embedpipe runs: someone's notes, a copy of a run (its manifest names r1).
+    (root / "runs/notes").mkdir()
+    (root / "runs/notes/todo.txt").write_text("mine")
+    (root / "runs/copy-of-r1").mkdir()
+    (root / "runs/copy-of-r1/manifest.json").write_bytes((root / "runs/r1/manifest.json").read_bytes())
     assert nightly(corpus, root, "r4-max", "--pooling", "max", "--keep", "3") == 0
     m = run_manifest(root, "r4-max")
     assert m["mode"] == "full" and m["counts"]["reused"] == 0 and m["counts"]["embedded"] == 8
     assert m["previous_run"] == latest
-    # --keep 3 pruned the oldest runs only after publishing.
-    assert sorted(os.listdir(root / "runs")) == ["r2", "r3", "r4-max"]
+    # --keep 3 pruned the oldest runs only after publishing, and only embedpipe's own runs.
+    assert sorted(os.listdir(root / "runs")) == ["copy-of-r1", "notes", "r2", "r3", "r4-max"]
+    assert (root / "runs/notes/todo.txt").read_text() == "mine"
 
 
 def test_failed_validation_does_not_publish(corpus, tmp_path):
     root = tmp_path / "root"
-    assert nightly(corpus, root, "good") == 0
-    assert nightly(corpus, root, "bad", "--recall-floor", "1.01") == 3
-    assert read_latest(str(root)) == "good"
-    assert run_manifest(root, "bad")["validated"] is False
+    assert nightly(corpus, root, "r1-good") == 0
+    assert nightly(corpus, root, "r2-bad", "--recall-floor", "1.01") == 3
+    assert read_latest(str(root)) == "r1-good"
+    assert run_manifest(root, "r2-bad")["validated"] is False
 
 
 KILL_IN_EMBED = """

@@ -28,6 +28,12 @@ def add_index_parser(subparsers) -> None:
     )
     p.add_argument("--output", required=True, help="index directory to create or replace (replaced only when whole)")
     p.add_argument(
+        "--allow-no-manifest",
+        action="store_true",
+        help="index embeddings that have no manifest.json (default: refuse, since `embedpipe embed` writes the "
+        "manifest last and a folder without one is unfinished or was not made by embedpipe)",
+    )
+    p.add_argument(
         "--index",
         default="auto",
         metavar="TYPE",
@@ -94,6 +100,9 @@ def print_index_summary(meta: dict, output: str, out=None) -> None:
 
 def cmd_index(args: argparse.Namespace, beam_args: list[str]) -> int:
     """Run `embedpipe index`; returns the exit code."""
+    from pipeline.index.io import resolve_embeddings
+
+    resolve_embeddings(args.embeddings, require_manifest=not args.allow_no_manifest)  # refuses before any work
     options = {
         "index": args.index,
         "metric": args.metric,

@@ -67,14 +67,20 @@ def _read_manifest(path: str) -> dict | None:
         return json.loads(handle.read().decode())
 
 
-def resolve_embeddings(embeddings: str) -> tuple[str, dict | None]:
-    """(embeddings dir, manifest or None) for OUTPUT or OUTPUT/embeddings."""
+def resolve_embeddings(embeddings: str, *, require_manifest: bool = False) -> tuple[str, dict | None]:
+    """(embeddings dir, manifest or None) for OUTPUT or OUTPUT/embeddings; `require_manifest` refuses none."""
     root = embeddings.rstrip("/")
-    if parquet_files(f"{root}/embeddings"):
-        return f"{root}/embeddings", _read_manifest(f"{root}/manifest.json")
-    if parquet_files(root):
-        parent = root.rsplit("/", 1)[0] if "/" in root else "."
-        return root, _read_manifest(f"{parent}/manifest.json")
+    parent = root.rsplit("/", 1)[0] if "/" in root else "."
+    for source, manifest_path in ((f"{root}/embeddings", f"{root}/manifest.json"), (root, f"{parent}/manifest.json")):
+        if parquet_files(source):
+            manifest = _read_manifest(manifest_path)
+            if manifest is None and require_manifest:  # embed writes it last: without it the run is unfinished
+                raise ValueError(
+                    f"{manifest_path} is missing, so {source} is an unfinished embed run (failed, killed or still "
+                    "going) or was not written by embedpipe; run the embed again, or pass --allow-no-manifest to "
+                    "index these files as they are"
+                )
+            return source, manifest
     raise ValueError(
         f"empty dataset: no Parquet files under {root}/embeddings/ or {root}/; "
         "point --embeddings at the output of `embedpipe embed` (or its embeddings/ folder)"
