@@ -171,7 +171,11 @@ def cmd_embed(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     manifest = run_embed(cfg, beam_args, workers=args.workers, require_gpu=args.require_gpu, overwrite=args.overwrite)
     print_summary(manifest)
-    return 0
+    for message in manifest.get("empty_inputs") or ():
+        # The run itself is whole (every input has its row), but a path that holds no image is
+        # almost always a typo or the wrong --input-format: never a silent success.
+        print(f"embedpipe: error: an input holds no image: {message}", file=sys.stderr)
+    return 2 if manifest.get("empty_inputs") else 0
 
 
 def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:

@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from pipeline import reasons
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, EmbedConfig
 from pipeline.decode import DecodeImages
 from pipeline.dedup import DedupIds
@@ -224,11 +225,22 @@ def count_stamped(directory: str, embedded_at: datetime.datetime) -> int:
 
 def error_reasons(directory: str) -> dict[str, int]:
     """error code -> count over errors/*.parquet."""
+    return error_summary(directory)[0]
+
+
+def error_summary(directory: str, *, max_empty: int = 20) -> tuple[dict[str, int], list[str]]:
+    """(error code -> count, the messages of up to `max_empty` empty_input rows) over errors/*.parquet."""
     counts: collections.Counter = collections.Counter()
+    empty: list[str] = []
     for path in parquet_files(directory):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
-            counts.update(pq.read_table(handle, columns=["error"]).column("error").to_pylist())
-    return dict(sorted(counts.items()))
+            table = pq.read_table(handle, columns=["error", "message"])
+        codes = table.column("error").to_pylist()
+        counts.update(codes)
+        if reasons.EMPTY_INPUT in counts and len(empty) < max_empty:
+            messages = table.column("message").to_pylist()
+            empty += [m for c, m in zip(codes, messages) if c == reasons.EMPTY_INPUT][: max_empty - len(empty)]
+    return dict(sorted(counts.items())), sorted(empty)
 
 
 def _counter(result, name: str) -> int | None:
@@ -368,8 +380,8 @@ def _run_and_count(cfg, options, staging, embedded_at, workers, require_gpu, pre
     wall = time.perf_counter() - start
 
     rows = count_rows(f"{staging}/embeddings")
-    reasons = error_reasons(f"{staging}/errors")
-    failed = sum(reasons.values())
+    by_reason, empty_inputs = error_summary(f"{staging}/errors")
+    failed = sum(by_reason.values())
     # Beam reports no counter at all when nothing incremented it: nothing was read.
     seen = _counter(result, "images_seen") or 0
     # Counted from the output, not from the reuse counter: a reused id read twice is carried
@@ -391,7 +403,10 @@ def _run_and_count(cfg, options, staging, embedded_at, workers, require_gpu, pre
         counts,
         batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu),
         embedded_at=embedded_at.isoformat(),
-        failed_by_reason=reasons,
+        failed_by_reason=by_reason,
+        # Input paths that held no image at all (what each held instead): `embed` exits 2 and
+        # `nightly` refuses to publish, since a path typed wrong must never look like success.
+        empty_inputs=empty_inputs,
         model_loads=_counter(result, "model_loads"),
         runner=options.view_as(StandardOptions).runner,
         workers=workers,

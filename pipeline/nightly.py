@@ -259,6 +259,10 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
         deleted = len(_ids(f"{previous_dir}/embeddings") - now)
     manifest["counts"]["deleted"] = deleted
     manifest["counts"].setdefault("reused_by_marker", 0)  # a full run reuses nothing
+    if manifest.get("empty_inputs"):
+        # A path that holds no image is a typo or a missing mount: publishing would delete the
+        # corpus from LATEST. Checked before the index, which an empty run could not even build.
+        _refuse(run_dir, run_id, manifest, f"an input holds no image: {'; '.join(manifest['empty_inputs'])}")
 
     index_info = build_index(
         run_dir, f"{run_dir}/index", index=cfg.index, metric=cfg.metric, memory_budget=cfg.memory_budget
@@ -266,9 +270,7 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
     try:
         validate(run_dir, manifest, index_info, fingerprint=fingerprint, recall_floor=cfg.recall_floor)
     except ValidationError as exc:
-        manifest.update(run_id=run_id, validated=False, published=False, validation_error=str(exc))
-        write_json_atomic(f"{run_dir}/manifest.json", manifest)  # kept for inspection, never published
-        raise
+        _refuse(run_dir, run_id, manifest, str(exc))
 
     manifest.update(
         run_id=run_id,
@@ -289,6 +291,13 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
                 log.warning("embedpipe nightly: pruning run %s (--keep %d)", old, cfg.keep)
                 remove_tree(f"{root}/runs/{old}")
     return manifest
+
+
+def _refuse(run_dir: str, run_id: str, manifest: dict, why: str) -> None:
+    """Record why the run is not published (its manifest is kept for inspection) and raise ValidationError."""
+    manifest.update(run_id=run_id, validated=False, published=False, validation_error=why)
+    write_json_atomic(f"{run_dir}/manifest.json", manifest)
+    raise ValidationError(why)
 
 
 def _publish(root: str, run_id: str, run_dir: str, manifest: dict, held, start: float) -> None:
