@@ -10,7 +10,16 @@ import sys
 import traceback
 
 from pipeline import __version__
-from pipeline.config import DEFAULT_MAX_PIXELS, POOLINGS, PRECISIONS, RESIZE_MODES, EmbedConfig, ModelConfig
+from pipeline.config import (
+    DECODE_STAGES,
+    DECODERS,
+    DEFAULT_MAX_PIXELS,
+    POOLINGS,
+    PRECISIONS,
+    RESIZE_MODES,
+    EmbedConfig,
+    ModelConfig,
+)
 
 log = logging.getLogger("embedpipe")
 
@@ -90,6 +99,27 @@ def _add_embed_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     )
     g.add_argument("--max-bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
     g.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size (slower)")
+    g.add_argument(
+        "--decode",
+        choices=DECODERS,
+        default="auto",
+        help="where JPEGs are decoded: auto (default: on the GPU when the worker has one and nvImageCodec, "
+        "`pip install embedpipe[gpu]`, imports; else on the CPU), cpu, gpu (fails at start-up without both)",
+    )
+    g.add_argument(
+        "--decode-stage",
+        choices=DECODE_STAGES,
+        default="fused",
+        help="fused (default): decode beside inference on each worker; separate: decode in a stage of its own "
+        "(CPU workers) and shuffle the pixels to the inference stage, which alone asks for the GPU "
+        "(Dataflow right fitting; docs/COST.md says when it pays)",
+    )
+    g.add_argument(
+        "--decode-machine-type",
+        default=None,
+        metavar="TYPE",
+        help="with --decode-stage separate on Dataflow: machine type of the decode workers (default: Dataflow's)",
+    )
     g.add_argument("--thumbnails", action="store_true", help="store a small JPEG thumbnail per image (for `serve`)")
     g.add_argument("--require-gpu", action="store_true", help="fail at worker start-up when no GPU is visible")
     g.add_argument(
@@ -126,6 +156,9 @@ def _embed_config(args: argparse.Namespace) -> EmbedConfig:
         thumbnails=args.thumbnails,
         intra_op_threads=threads,
         decode_threads=args.decode_threads,
+        decode=args.decode,
+        decode_stage=args.decode_stage,
+        decode_machine_type=args.decode_machine_type,
     )
 
 

@@ -18,6 +18,8 @@ EMBEDDING_DIM = 2048
 POOLINGS = ("avg", "max")
 RESIZE_MODES = ("squash", "center-crop")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DECODERS = ("auto", "cpu", "gpu")
+DECODE_STAGES = ("fused", "separate")
 # Measured: on CPU, batches beyond 32 gain nothing and hold more memory; a GPU
 # needs a few hundred images in flight to stay busy (docs/GPU.md).
 CPU_BATCH_SIZE = 32
@@ -89,6 +91,12 @@ class EmbedConfig:
     intra_op_threads: int = 0  # 0: TensorFlow decides
     decode_threads: int = 0  # 0: one per CPU core of the worker
     progress_seconds: float = 10.0
+    # Where JPEGs are decoded: auto (the GPU when the worker has one and nvImageCodec imports), cpu, gpu.
+    decode: str = "auto"
+    # fused: decode beside inference in one stage; separate: a decode stage on CPU workers, the
+    # pixels shuffled to an inference stage that alone asks for the GPU (pipeline/topology.py).
+    decode_stage: str = "fused"
+    decode_machine_type: str | None = None  # separate layout on Dataflow: the decode workers' machine type
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -97,6 +105,10 @@ class EmbedConfig:
             raise ValueError(f"decode_threads must be >= 1 (or 0 for one per CPU core); got {self.decode_threads}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1; got {self.max_pixels}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"decode must be one of {', '.join(DECODERS)}; got {self.decode!r}")
+        if self.decode_stage not in DECODE_STAGES:
+            raise ValueError(f"decode_stage must be one of {', '.join(DECODE_STAGES)}; got {self.decode_stage!r}")
 
 
 def file_sha256(path: str) -> str:

@@ -30,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline import reasons
+from pipeline import reasons, transport
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, EmbedConfig
 from pipeline.decode import DecodeImages
 from pipeline.dedup import DedupIds
@@ -39,6 +39,7 @@ from pipeline.ownership import claim, is_embed_output, remove_tree, staging_name
 from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
 from pipeline.records import embeddings_schema
 from pipeline.reuse import PreviousKeys, ReuseUnchanged
+from pipeline.topology import InferenceStage, accelerator_hint, hints_of
 from pipeline.write import WriteEmbeddings, WriteErrors
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ def pipeline_options(beam_args: list[str], *, workers: int = 1) -> PipelineOptio
     return options
 
 
+def embed_options(cfg: EmbedConfig, beam_args: list[str], *, workers: int) -> tuple[PipelineOptions, str | None]:
+    """(pipeline options, the inference stage's accelerator hint or None) of an embedding job.
+
+    In the separate layout the job's GPU request leaves the pipeline-wide options and becomes
+    the hint (pipeline/topology.py); the options remember that GPUs are wanted (batch size).
+    """
+    options = pipeline_options(list(beam_args), workers=workers)
+    if cfg.decode_stage != "separate":
+        return options, None
+    return options, accelerator_hint(options, decode_machine_type=cfg.decode_machine_type)
+
+
 def resolve_batch_size(cfg: EmbedConfig, options: PipelineOptions, *, require_gpu: bool = False) -> int:
     """The batch size: as given, or the device default (GPU when the job asks for accelerators)."""
     if cfg.batch_size:
@@ -92,8 +105,12 @@ def build_embed_pipeline(
     require_gpu: bool = False,
     previous_files: list[str] | None = None,
     verify_content: bool = False,
+    accelerator: str | None = None,
 ) -> beam.Pipeline:
     """The pipeline (not yet run): read -> decode -> embed -> Parquet, with every error kept.
+
+    With `cfg.decode_stage == "separate"`, decoded pixels cross a shuffle to an inference
+    stage, which alone carries the `accelerator` resource hint (pipeline/topology.py).
 
     With `previous_files` (a previous run's embeddings made by the same model),
     unchanged images reuse their rows instead of being decoded and embedded. Files
@@ -122,14 +139,26 @@ def build_embed_pipeline(
         thumbnails=cfg.thumbnails,
         threads=cfg.decode_threads,
     )
-    embedded = decoded.decoded | "EmbedImages" >> EmbedImages(
+    embed = EmbedImages(
         cfg.model,
-        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu),
+        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu or bool(accelerator)),
         embedded_at=embedded_at,
         intra_op_threads=cfg.intra_op_threads,
         require_gpu=require_gpu,
         progress_seconds=cfg.progress_seconds,
     )
+    if cfg.decode_stage == "separate":
+        shuffled = (
+            decoded.decoded
+            | "EncodePixels" >> beam.Map(transport.encode)
+            | "ToInference" >> beam.Reshuffle()  # the fusion break: decode workers | inference workers
+        )
+        stage = InferenceStage(embed)
+        if accelerator:
+            stage = stage.with_resource_hints(accelerator=accelerator)
+        embedded = shuffled | "EmbedImages" >> stage
+    else:
+        embedded = decoded.decoded | "EmbedImages" >> embed
     rows = embedded.embeddings
     if reused is not None:
         rows = (rows, reused) | "WithReused" >> beam.Flatten()
@@ -158,6 +187,15 @@ def describe_pipeline(p: beam.Pipeline) -> list[str]:
         def visit_transform(self, node):
             lines.append("  " * node.full_label.count("/") + node.full_label.rsplit("/", 1)[-1])
 
+        def leave_composite_transform(self, node):
+            # Hints are shown once, on the composite that carries them (its steps inherit them).
+            hints = hints_of(node)
+            own = hints and hints != hints_of(node.parent) if node.parent is not None else hints
+            if own and lines:
+                label = "  " * node.full_label.count("/") + node.full_label.rsplit("/", 1)[-1]
+                at = max(i for i, line in enumerate(lines) if line == label)
+                lines[at] += "  [" + ", ".join(f"{k}={v}" for k, v in sorted(hints.items())) + "]"
+
     p.visit(_Visitor())
     return lines
 
@@ -166,10 +204,10 @@ def plan_embed(
     cfg: EmbedConfig, beam_args: list[str] | None = None, *, workers: int = 1, require_gpu: bool = False
 ) -> dict:
     """Resolve options and build (not run) the pipeline: what `--dry-run` prints."""
-    options = pipeline_options(list(beam_args or []), workers=workers)
+    options, accelerator = embed_options(cfg, list(beam_args or []), workers=workers)
     # The graph is built under the local runner: constructing a pipeline for
     # Dataflow would validate against (and call) Google Cloud.
-    graph_options = PipelineOptions(options.get_all_options(drop_default=True))
+    graph_options = PipelineOptions.from_dictionary(options.get_all_options(drop_default=True))
     graph_options.view_as(StandardOptions).runner = LOCAL_RUNNER
     p = build_embed_pipeline(
         cfg,
@@ -178,9 +216,11 @@ def plan_embed(
         errors_dir=f"{cfg.output.rstrip('/')}/errors",
         embedded_at=utc_now(),
         require_gpu=require_gpu,
+        accelerator=accelerator,
     )
     return {
-        "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu),
+        "batch_size": resolve_batch_size(cfg, options, require_gpu=require_gpu or bool(accelerator)),
+        "accelerator_hint": accelerator,
         "pipeline_options": options.get_all_options(drop_default=True),
         "model": cfg.model.fingerprint(),
         "embed_config": {
@@ -331,7 +371,7 @@ def run_embed(
         out, kind="output", what="--output", overwrite=overwrite, accepts=("output", "run"), recognised=is_embed_output
     )
     sweep_staging(out)
-    options = pipeline_options(list(beam_args or []), workers=workers)
+    options, accelerator = embed_options(cfg, list(beam_args or []), workers=workers)
     if preflight and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
         # Local workers share this machine's Keras cache: fetch (or fail) once, up front.
         from pipeline.model import ensure_weights_available
@@ -341,7 +381,15 @@ def run_embed(
     staging = f"{out}/{staging_name(embedded_at)}"
     try:
         manifest = _run_and_count(
-            cfg, options, staging, embedded_at, workers, require_gpu, previous_files, verify_content
+            cfg,
+            options,
+            staging,
+            embedded_at,
+            workers=workers,
+            require_gpu=require_gpu,
+            previous_files=previous_files,
+            verify_content=verify_content,
+            accelerator=accelerator,
         )
         if FileSystems.exists(f"{out}/manifest.json"):
             FileSystems.delete([f"{out}/manifest.json"])  # the output is in flux until it is back
@@ -360,7 +408,9 @@ def run_embed(
     return manifest
 
 
-def _run_and_count(cfg, options, staging, embedded_at, workers, require_gpu, previous_files, verify_content) -> dict:
+def _run_and_count(
+    cfg, options, staging, embedded_at, *, workers, require_gpu, previous_files, verify_content, accelerator
+) -> dict:
     """Run the pipeline into `staging` and return the manifest; CountsMismatchError if rows go missing."""
     out = cfg.output.rstrip("/")
     start = time.perf_counter()
@@ -373,6 +423,7 @@ def _run_and_count(cfg, options, staging, embedded_at, workers, require_gpu, pre
         require_gpu=require_gpu,
         previous_files=previous_files,
         verify_content=verify_content,
+        accelerator=accelerator,
     )
     log.info("embedpipe: running on %s (%d worker process(es))", options.view_as(StandardOptions).runner, workers)
     result = p.run()
@@ -401,7 +452,9 @@ def _run_and_count(cfg, options, staging, embedded_at, workers, require_gpu, pre
         cfg,
         out,
         counts,
-        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu),
+        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu or bool(accelerator)),
+        decode_stage=cfg.decode_stage,
+        accelerator_hint=accelerator,
         embedded_at=embedded_at.isoformat(),
         failed_by_reason=by_reason,
         # Input paths that held no image at all (what each held instead): `embed` exits 2 and
