@@ -20,6 +20,7 @@ from pipeline.config import (
     EmbedConfig,
     ModelConfig,
 )
+from pipeline.options import UsageError, check_beam_args
 
 log = logging.getLogger("embedpipe")
 
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     for command in sub.choices.values():  # `embedpipe embed ... -v` works as well as `embedpipe -v embed ...`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    parser.commands = dict(sub.choices)  # for main(): the options a subcommand knows (suggestions)
     return parser
 
 
@@ -379,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     stray = [a for a in beam_args if not a.startswith("-")]
     if stray and not any(a.startswith("--") for a in beam_args):
         parser.error(f"unrecognised arguments: {' '.join(stray)}")
+    try:
+        check_beam_args(parser.commands[args.command], beam_args)
+    except UsageError as exc:
+        print(f"embedpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
