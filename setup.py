@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "pillow>=10.1",  # Image.Transpose, draft + reducing_gap
     "faiss-cpu>=1.8",
     "h5py>=3.10",  # Keras' .h5 weights files
+    "matplotlib>=3.7",  # the nightly report's plots (Agg, no display)
 ]
 
 EXTRAS_REQUIRE = {
