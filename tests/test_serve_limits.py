@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 
@@ -30,6 +31,8 @@ import httpx
 import pytest
 from index_fixtures import model_index_dir, png_bytes
 from PIL import Image
+
+from pipeline.serve.connections import ConnectionGuard, build_server
 
 DECODE_MEMORY_MB = 300
 MAX_CONNECTIONS = 300
@@ -352,3 +355,50 @@ def test_accept_errors_are_logged_once_per_interval():
     lines = [line for line in text.splitlines() if "cannot accept a connection" in line]
     assert len(lines) == 1 and "Too many open files" in lines[0], text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_at_the_cap_idle_connections_make_room_and_busy_ones_are_kept():
+    """A real uvicorn server in a thread, cap 3: idle connections are closed oldest first, busy ones never."""
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/slow":
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = ConnectionGuard(3, 30)
+    server = build_server(app, guard, backlog=16, log_level="warning")
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    address = listener.getsockname()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        idle = [_connect(address) for _ in range(3)]
+        time.sleep(0.3)
+        newcomer = _connect(address)  # the oldest idle one makes room
+        assert _closed_within(idle[0], 3) < 3 and _closed_within(idle[1], 0.5) == float("inf")
+        busy = [idle[1], idle[2], newcomer]
+        for sock in busy:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)
+        turned_away = _connect(address)  # every open connection has a request in flight
+        assert _closed_within(turned_away, 3) < 3
+        release.set()
+        for sock in busy:
+            assert _response(sock)[0] == 200  # in-flight requests were never cut off
+        assert guard.shed == 1 and guard.refused == 1
+        for sock in [*idle, newcomer, turned_away]:
+            sock.close()
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
+        listener.close()

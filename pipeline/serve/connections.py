@@ -107,6 +107,7 @@ class GuardedH11Protocol(H11Protocol):
         return self.cycle is None or self.cycle.response_complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Register the connection, closing the longest-idle ones if it would go over the cap."""
         super().connection_made(transport)
         guard = self.guard
         while len(guard.open) >= guard.max_connections:
@@ -129,11 +130,13 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection."""
         self.guard.open.pop(self, None)
         self._cancel_header_timer()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
+        """Parse what arrived; complete headers stop the header timer and mark the connection busy."""
         before = self.cycle
         super().handle_events()
         if self.cycle is not before:  # complete request headers arrived: a request is in flight
@@ -142,6 +145,7 @@ class GuardedH11Protocol(H11Protocol):
                 self.guard.open.move_to_end(self)
 
     def on_response_complete(self) -> None:
+        """After an answer the connection is idle again: the next request's headers are timed from now."""
         super().on_response_complete()
         if self.idle and not self.transport.is_closing():
             # The next request's headers get the same time as the first one's, however they trickle in.
@@ -186,6 +190,7 @@ class _QuietRepeats(logging.Filter):
         self._counts: collections.Counter[str] = collections.Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Pass other records; pass a repeated warning once per interval, with its count."""
         text = record.getMessage()
         key = next((m for m in self._MESSAGES if text.startswith(m)), None)
         if key is None:
@@ -235,6 +240,7 @@ class GuardedServer(uvicorn.Server):
     guard: ConnectionGuard
 
     async def startup(self, sockets: list | None = None) -> None:
+        """Install the accept-error handler on the running loop, then start as uvicorn does."""
         asyncio.get_running_loop().set_exception_handler(_AcceptErrorHandler(self.guard))
         await super().startup(sockets=sockets)
 
