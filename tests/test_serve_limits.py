@@ -402,3 +402,55 @@ def test_at_the_cap_idle_connections_make_room_and_busy_ones_are_kept():
         server.should_exit = True
         thread.join(10)
         listener.close()
+
+
+_PEAKS = textwrap.dedent(
+    """
+    import io, json, pathlib, sys
+    import numpy as np
+    from PIL import Image
+    from pipeline.imaging import decode_image
+    from pipeline.serve.memory import decode_cost, release_memory
+
+    def status(key):
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    side = int(sys.argv[1])
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # a transposed copy: the worst orientation
+    ramp = (np.indices((side, side)).sum(0) % 251).astype(np.uint8)
+    wide = Image.fromarray(ramp.astype(np.uint16) * 200).convert("I;16")
+    images = {
+        "png-rgba": (Image.fromarray(np.dstack([ramp] * 4), "RGBA"), "PNG", {"exif": rotated.tobytes()}),
+        "webp-rgba": (Image.fromarray(np.dstack([ramp] * 4), "RGBA"), "WEBP", {"lossless": True}),
+        "png-16bit": (wide, "PNG", {"exif": rotated.tobytes()}),
+        "png-rgb": (Image.fromarray(np.dstack([ramp] * 3), "RGB"), "PNG", {"exif": rotated.tobytes()}),
+    }
+    out = {}
+    for name, (img, fmt, kw) in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        data = buf.getvalue()
+        release_memory()
+        estimate = decode_cost(io.BytesIO(data), nbytes=len(data), size=32, draft_for_thumbnail=True, max_pixels=10**9)
+        before = status("VmRSS")
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+        decode_image(data, size=32, max_pixels=10**9, thumbnail=False, draft_for_thumbnail=True)
+        out[name] = (status("VmHWM") - before, estimate)
+        release_memory()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_decode_estimates_cover_the_measured_peaks():
+    """The bytes-per-pixel factors hold: each decode path's measured peak stays under its estimate."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAKS, "2000"], capture_output=True, text=True, env=_env(), timeout=120, check=True
+    )
+    peaks = json.loads(done.stdout)
+    for name, (peak, estimate) in peaks.items():
+        assert peak <= estimate, (name, peak / 2**20, estimate / 2**20)
+        assert estimate < 2 * peak + 16 * 2**20, (name, peak / 2**20, estimate / 2**20)  # and not wildly above

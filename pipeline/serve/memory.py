@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 #   WebP: libwebp's RGBA buffer, Pillow's copy, then the alpha path below: 32.5 B measured.
 #   alpha (RGBA, LA, PA, P with transparency): the image, its RGBA copy, the white
 #     background, the composite and the RGB result: 24.1 B measured (PNG RGBA / LA).
-#   wide samples (I;16, I, F): 64-bit numpy temporaries of the 16-to-8-bit scaling: 20.5 B.
+#   wide samples (I;16, I, F): 64-bit numpy temporaries of the 16-to-8-bit scaling: 20-24 B
+#     measured depending on content; 28 B is the count of the buffers alive at once.
 #   everything else (RGB, L, 1, P, CMYK; JPEG at its draft scale): 8.4 B.
-BYTES_PER_PIXEL = {"webp": 36, "alpha": 27, "wide": 23, "plain": 10}
+BYTES_PER_PIXEL = {"webp": 36, "alpha": 27, "wide": 28, "plain": 10}
 WORST_BYTES_PER_PIXEL = max(BYTES_PER_PIXEL.values())
 # What any decode costs beyond its pixels (decoder state, the model input, Python objects).
 BASE_COST = 4 << 20
