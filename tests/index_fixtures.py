@@ -275,3 +275,18 @@ def serve_in_thread(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def model_index_dir(
+    out: str | os.PathLike, n: int = 24, *, image_size: int = 32, weights: str = "random", model: str | None = None
+) -> str:
+    """A synthetic index whose index.json names a rebuildable model, so image queries work without embedding a corpus.
+
+    The vectors are seeded random ones, not the model's: search by image works (any
+    query finds some neighbours) at no cost but the model build of whoever serves it.
+    `model` overrides the recorded fingerprint (for weights that cannot be fingerprinted).
+    """
+    cfg = ModelConfig(image_size=image_size, weights=weights, seed=0)
+    fingerprint = model if model is not None else cfg.fingerprint()
+    vectors = clustered(n, 2048)
+    return write_index_dir(out, vectors, model=fingerprint, model_config=model_config_dict(cfg))

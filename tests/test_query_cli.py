@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 
 import pytest
 from index_fixtures import clustered, shared_photo_index, write_index_dir
 
+from pipeline import reasons
 from pipeline.cli import build_parser
-from pipeline.index.search import Searcher
+from pipeline.index.search import QueryImageError, Searcher
 
 
 def _run(*argv: str) -> int:
@@ -95,3 +100,54 @@ def test_query_needs_exactly_one_kind_of_query(photos, capsys):
     assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _run("--index", index_dir)
+
+
+def test_query_image_over_max_bytes_is_too_large(photos, capsys):
+    index_dir, files = photos
+    size = os.path.getsize(files["camera.jpg"])
+    assert _run("--index", index_dir, "--image", files["camera.jpg"], "--max-bytes", str(size - 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embedpipe query: error: query image ") and err.count("\n") == 1
+    assert f"more than {size - 1:,} bytes" in err and "--max-bytes" in err
+    assert _run("--index", index_dir, "--image", files["camera.jpg"], "--max-bytes", str(size), "-k", "1") == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[2] == "camera.jpg"
+    with Searcher.open(index_dir) as searcher:
+        searcher.query_model.max_bytes = 10
+        with pytest.raises(QueryImageError) as info:
+            searcher.search_images([files["camera.jpg"]])
+    assert info.value.reason == reasons.TOO_LARGE
+
+
+def _limited_memory() -> None:
+    # A safety net: a query that reads without end fails here instead of taking the machine's memory.
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def test_query_images_that_never_end_are_refused_promptly(photos, tmp_path):
+    """/dev/zero would be read forever and a FIFO without a writer would block forever."""
+    index_dir, _ = photos
+    fifo = tmp_path / "query.jpg"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    runs = {
+        path: subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "query", "--index", index_dir, "--image", path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_limited_memory,
+        )
+        for path in ("/dev/zero", str(fifo))
+    }
+    try:
+        for path, run in runs.items():
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == 2, err[-2000:]
+            line = err.strip().splitlines()[-1]
+            assert line.startswith(f"embedpipe query: error: query image {path}: cannot read it"), err[-2000:]
+            assert "not a regular file" in line
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.communicate()

@@ -86,7 +86,9 @@ def test_healthz_and_stats(photo_server, photos):
     assert stats["model"] == ModelConfig(image_size=32, weights="random").fingerprint()
     assert stats["factory"] == "Flat" and stats["built_at"].startswith("2026-01-02")
     assert stats["build_seconds"] == 0.5 and stats["image_search"] is True and stats["has_thumbnails"] is True
-    assert stats["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "max_k": MAX_K}
+    limits = {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "max_k": MAX_K}
+    assert {key: stats["limits"][key] for key in limits} == limits
+    assert stats["limits"]["decode_memory_bytes"] == 2048 * 2**20 and stats["decode_memory"]["in_use_bytes"] == 0
 
 
 def test_page_is_self_contained(photo_server):

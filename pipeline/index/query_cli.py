@@ -8,7 +8,9 @@ import json
 import sys
 from typing import TextIO
 
-from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.config import DEFAULT_MAX_PIXELS, EmbedConfig
+
+DEFAULT_MAX_BYTES: int = EmbedConfig.max_bytes  # as `embedpipe embed --max-bytes`
 
 
 def add_query_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,6 +33,13 @@ def add_query_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help=f"query images with more pixels are refused (default {DEFAULT_MAX_PIXELS:,})",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help=f"query image files with more bytes are refused (default {DEFAULT_MAX_BYTES // 2**20} MiB, "
+        "as for `embedpipe embed`)",
     )
     p.set_defaults(func=cmd_query)
     return p
@@ -59,11 +68,15 @@ def cmd_query(args: argparse.Namespace, beam_args: list[str], out: TextIO | None
     if args.k < 1:
         print(f"embedpipe query: error: -k must be >= 1; got {args.k}", file=sys.stderr)
         return 2
+    if args.max_bytes < 1 or args.max_pixels < 1:
+        print("embedpipe query: error: --max-bytes and --max-pixels must be >= 1", file=sys.stderr)
+        return 2
     if beam_args:
         # Filesystem credentials and settings (e.g. --s3_endpoint_url) for remote indexes and images.
         FileSystems.set_options(PipelineOptions(beam_args))
     try:
         with Searcher.open(args.index, max_pixels=args.max_pixels) as searcher:
+            searcher.query_model.max_bytes = args.max_bytes
             if args.image:
                 queries, results = args.image, searcher.search_images(args.image, k=args.k)
             else:

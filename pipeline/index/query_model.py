@@ -16,13 +16,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline import reasons
-from pipeline.config import DEFAULT_MAX_PIXELS, ModelConfig
+from pipeline.config import DEFAULT_MAX_PIXELS, EmbedConfig, ModelConfig
 from pipeline.imaging import DecodeError, decode_image
+from pipeline.storage import NotRegularFileError, TooLargeError, read_bounded, safe_text
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES: int = EmbedConfig.max_bytes  # the same file-size limit as `embedpipe embed --max-bytes`
 
 
 class ModelMismatchError(ValueError):
@@ -48,6 +50,7 @@ class QueryModel:
         thumbnails: bool,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         """
         Args:
@@ -56,11 +59,13 @@ class QueryModel:
             thumbnails: whether the corpus was embedded with thumbnails (it sets the JPEG draft scale).
             max_pixels: query images with more pixels are refused.
             batch_size: images per model call.
+            max_bytes: query image files (paths) with more bytes are refused.
         """
         self.meta = meta
         self.index_dir = index_dir
         self.thumbnails = thumbnails
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.batch_size = batch_size
         self._lock = threading.Lock()
         self._holder: Any = None  # keeps the cached model alive for as long as this object
@@ -162,7 +167,7 @@ class QueryModel:
         batch = []
         for i, image in enumerate(images):
             name = image if isinstance(image, str) else f"#{i + 1} ({len(image)} bytes)"
-            data = read_path(image) if isinstance(image, str) else image
+            data = read_path(image, self.max_bytes) if isinstance(image, str) else image
             try:
                 batch.append(self.decode(data, max_pixels=max_pixels))
             except QueryImageError as exc:
@@ -170,10 +175,22 @@ class QueryModel:
         return np.stack(batch) if batch else None
 
 
-def read_path(path: str) -> bytes:
-    """The bytes of a query image on any Beam filesystem; QueryImageError (unreadable) if it can't be read."""
+def read_path(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a query image on any Beam filesystem, at most `max_bytes` of them.
+
+    Only regular files are read (a FIFO or a device such as /dev/zero would block or never end).
+
+    Raises:
+        QueryImageError: `too_large` over the limit, `unreadable` for anything else that stops the read.
+    """
+    name = safe_text(path)
     try:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            return handle.read()
+        return read_bounded(path, max_bytes)
+    except TooLargeError as exc:
+        raise QueryImageError(
+            reasons.TOO_LARGE, f"query image {name}: more than {max_bytes:,} bytes (raise the limit with --max-bytes)"
+        ) from exc
+    except NotRegularFileError as exc:
+        raise QueryImageError(reasons.UNREADABLE, f"query image {name}: cannot read it: {exc}") from exc
     except Exception as exc:  # missing file, unknown scheme, permissions: the query's problem
-        raise QueryImageError(reasons.UNREADABLE, f"query image {path}: cannot read it ({exc})") from exc
+        raise QueryImageError(reasons.UNREADABLE, f"query image {name}: cannot read it ({exc})") from exc

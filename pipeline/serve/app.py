@@ -6,79 +6,62 @@ Every error is JSON: {"error": <code>, "detail": <message>} with a 4xx status
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import importlib.resources
+import os
 import time
 import urllib.parse
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, BinaryIO, TypeVar
 
+import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline import __version__, reasons
 from pipeline.index.search import Hit, ModelMismatchError, QueryImageError, Searcher, UnknownIdError
+from pipeline.serve.memory import WORST_BYTES_PER_PIXEL, BudgetTimeout, DecodeBudget, decode_cost, release_memory
+from pipeline.serve.middleware import RequestBodyGuard
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
-DEFAULT_SERVE_MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB; bigger uploads are refused
+DEFAULT_DECODE_MEMORY_MB = 2048
+# The largest image whose worst decode path (WebP with alpha, 36 bytes per pixel: serve/memory.py)
+# fits the default decode memory: 50 MP x 36 B = 1.8 GB < 2 GiB. Arithmetic: docs/SERVE.md.
+DEFAULT_SERVE_MAX_PIXELS = 50_000_000
+DEFAULT_DECODE_WAIT = 30.0
+DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_MAX_K = 1000
 # Multipart framing and the small form fields around the file; the file itself is checked exactly.
 _MULTIPART_SLACK = 64 * 1024
+# Decodes estimated above this hand their freed memory back to the OS when they end.
+_TRIM_ABOVE = 64 << 20
 _IMAGE_ERROR_STATUS = {reasons.NOT_AN_IMAGE: 415, reasons.TOO_MANY_PIXELS: 413}
-_CODES = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}
+_CODES = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout", 413: "upload_too_large"}
+_T = TypeVar("_T")
 
 
 class ApiError(Exception):
-    """An error answered as JSON {"error": code, "detail": message} with `status`."""
+    """An error answered as JSON {"error": code, "detail": message} with `status` (and extra `headers`)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    """Raised from `receive` while FastAPI parses the form: FastAPI re-raises HTTPExceptions as they are."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body exceeds {limit:,} bytes (upload limit plus form overhead)")
-
-
-class _RequestBodyLimit:
-    """ASGI middleware: refuse request bodies over `max_body` bytes while they stream in.
-
-    The declared Content-Length is checked before any byte is read, and chunked
-    bodies are counted, so an oversized upload never reaches memory or disk.
-    """
-
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
-        self.app = app
-        self.max_body = max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        too_long = declared.isdigit() and int(declared) > self.max_body
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            if too_long:
-                raise _BodyTooLarge(self.max_body)
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise _BodyTooLarge(self.max_body)
-            return message
-
-        await self.app(scope, limited, send)
+        self.headers = headers
 
 
 def _page() -> str:
     return importlib.resources.files("pipeline.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def _default_threads() -> tuple[int, int]:
+    cores = os.cpu_count() or 2
+    return min(8, max(2, cores)), min(16, max(4, cores))
 
 
 def create_app(
@@ -87,24 +70,71 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_SERVE_MAX_PIXELS,
     max_k: int = DEFAULT_MAX_K,
+    decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_MB * 2**20,
+    decode_wait: float = DEFAULT_DECODE_WAIT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    image_threads: int | None = None,
+    search_threads: int | None = None,
+    connection_stats: Callable[[], dict] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `searcher`: /, /search (GET by id, POST an image), /thumbnail/{id}, /stats, /healthz.
+
+    Image queries and id queries run on separate thread pools, so an id query never
+    waits behind image decoding; decodes also wait for their estimated memory
+    (serve/memory.py) to fit `decode_memory_bytes`.
 
     Args:
         searcher: an open Searcher (the app does not close it).
         max_upload_bytes: largest accepted image upload (413 above).
         max_pixels: largest accepted image, width x height (413 above).
         max_k: largest number of neighbours per query (k outside 1..max_k: 422).
+        decode_memory_bytes: memory all concurrent decodes may use together.
+        decode_wait: seconds an image query waits for decode memory before a 503.
+        body_timeout: seconds the whole request body may take to arrive (408 after).
+        image_threads, search_threads: sizes of the two thread pools (default: from the cores).
+        connection_stats: reports the server's connection counts for /stats.
     """
-    app = FastAPI(title="embedpipe search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_RequestBodyLimit, max_body=max_upload_bytes + _MULTIPART_SLACK)
+    default_image, default_search = _default_threads()
+    image_pool = concurrent.futures.ThreadPoolExecutor(image_threads or default_image, "embedpipe-image")
+    search_pool = concurrent.futures.ThreadPoolExecutor(search_threads or default_search, "embedpipe-search")
+    budget = DecodeBudget(decode_memory_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            image_pool.shutdown(wait=False, cancel_futures=True)
+            search_pool.shutdown(wait=False, cancel_futures=True)
+
+    # redirect_slashes off: Starlette would answer /search/ with a redirect built from the Host header.
+    app = FastAPI(
+        title="embedpipe search",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestBodyGuard, max_body=max_upload_bytes + _MULTIPART_SLACK, timeout=body_timeout)
     page = _page()
     metric = searcher.meta["metric"]
-    limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_k": max_k}
+    limits = {
+        "max_upload_bytes": max_upload_bytes,
+        "max_pixels": max_pixels,
+        "max_k": max_k,
+        "decode_memory_bytes": decode_memory_bytes,
+        "decode_wait_s": decode_wait,
+        "body_timeout_s": body_timeout,
+    }
+
+    async def run(pool: concurrent.futures.Executor, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": exc.code, "detail": str(exc)}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -117,7 +147,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
@@ -146,56 +178,117 @@ def create_app(
         }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index_page() -> HTMLResponse:
+    async def index_page() -> HTMLResponse:
         # Everything is inline; nothing may load from elsewhere.
         csp = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
         return HTMLResponse(page, headers={"Content-Security-Policy": csp})
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok", "ntotal": searcher.ntotal}
 
-    @app.get("/stats")
-    def stats() -> dict:
-        return {**searcher.stats(), "limits": limits, "server_version": __version__}
+    def stats_now() -> dict:
+        out = {**searcher.stats(), "limits": limits, "server_version": __version__}
+        out["decode_memory"] = {"in_use_bytes": budget.used, "waiting": budget.waiting}
+        if connection_stats is not None:
+            out["connections"] = connection_stats()
+        return out
 
-    @app.get("/search")
-    def search_by_id(id: str, k: int = 10) -> dict:
-        start = time.perf_counter()
-        k = check_k(k)
+    @app.get("/stats")
+    async def stats() -> dict:
+        return await run(search_pool, stats_now)
+
+    def by_id(id: str, k: int) -> list[Hit]:
         try:
-            hits = searcher.search_ids([id], k)[0]
+            return searcher.search_ids([id], k)[0]
         except UnknownIdError as exc:
             raise ApiError(404, "unknown_id", str(exc)) from exc
         except ValueError as exc:  # an index type that cannot return stored vectors
             raise ApiError(409, "id_search_unavailable", str(exc)) from exc
-        return payload({"type": "id", "id": id}, k, hits, start)
 
-    @app.post("/search")
-    def search_by_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10) -> dict:
+    @app.get("/search")
+    async def search_by_id(id: str, k: int = 10) -> dict:
         start = time.perf_counter()
         k = check_k(k)
-        data = image.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise ApiError(413, "upload_too_large", f"the image exceeds the upload limit of {max_upload_bytes:,} bytes")
+        hits = await run(search_pool, by_id, id, k)
+        return payload({"type": "id", "id": id}, k, hits, start)
+
+    def estimate(file: BinaryIO, nbytes: int) -> int:
+        file.seek(0)
+        qm = searcher.query_model
+        return decode_cost(
+            file, nbytes=nbytes, size=qm.config().image_size, draft_for_thumbnail=qm.thumbnails, max_pixels=max_pixels
+        )
+
+    def decode(file: BinaryIO, cost: int) -> np.ndarray:
         try:
-            hits = searcher.search_images([data], k, max_pixels=max_pixels)[0]
+            file.seek(0)
+            data = file.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise ApiError(
+                    413, "upload_too_large", f"the image exceeds the upload limit of {max_upload_bytes:,} bytes"
+                )
+            return searcher.decode(data, max_pixels=max_pixels)
         except QueryImageError as exc:
             raise ApiError(_IMAGE_ERROR_STATUS.get(exc.reason, 400), exc.reason, str(exc)) from exc
-        except ModelMismatchError as exc:
-            raise ApiError(409, "image_search_unavailable", str(exc)) from exc
+        finally:
+            data = None  # the encoded bytes go before the heap is trimmed
+            if cost > _TRIM_ABOVE:
+                release_memory()
+
+    def embed_and_search(pixels: np.ndarray, k: int) -> list[Hit]:
+        try:
+            return searcher.search_vectors(searcher.embed_pixels(pixels[None]), k)[0]
         except RuntimeError as exc:  # e.g. the model's weights cannot be loaded on this machine
             raise ApiError(503, "model_unavailable", f"{type(exc).__name__}: {exc}") from exc
-        return payload({"type": "image", "filename": image.filename, "bytes": len(data)}, k, hits, start)
 
-    @app.get("/thumbnail/{id:path}")
-    def thumbnail(id: str) -> Response:
+    @app.post("/search")
+    async def search_by_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10) -> dict:
+        start = time.perf_counter()
+        k = check_k(k)
+        nbytes = image.size if image.size is not None else await run(image_pool, _length, image.file)
+        if nbytes > max_upload_bytes:
+            raise ApiError(413, "upload_too_large", f"the image exceeds the upload limit of {max_upload_bytes:,} bytes")
+        try:
+            searcher.model_config()
+        except ModelMismatchError as exc:
+            raise ApiError(409, "image_search_unavailable", str(exc)) from exc
+        cost = await run(image_pool, estimate, image.file, nbytes)
+        try:
+            async with budget.reserve(cost, decode_wait):
+                pixels = await run(image_pool, decode, image.file, cost)
+        except BudgetTimeout as exc:
+            raise ApiError(
+                503,
+                "server_busy",
+                f"too many large images are being decoded: {exc} (--decode-memory-mb); retry in a few seconds",
+                headers={"Retry-After": "5"},
+            ) from exc
+        hits = await run(image_pool, embed_and_search, pixels, k)
+        return payload({"type": "image", "filename": image.filename, "bytes": nbytes}, k, hits, start)
+
+    def thumbnail_of(id: str) -> bytes:
         try:
             data = searcher.thumbnail(id)
         except UnknownIdError as exc:
             raise ApiError(404, "unknown_id", str(exc)) from exc
         if data is None:
             raise ApiError(404, "no_thumbnail", f"no thumbnail stored for {id!r} (embed with --thumbnails)")
+        return data
+
+    @app.get("/thumbnail/{id:path}")
+    async def thumbnail(id: str) -> Response:
+        data = await run(search_pool, thumbnail_of, id)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
     return app
+
+
+def _length(file: BinaryIO) -> int:
+    file.seek(0, os.SEEK_END)
+    return file.tell()
+
+
+def worst_decode_bytes(max_pixels: int) -> int:
+    """The memory one decode of the largest allowed image can take (the worst decode path)."""
+    return max_pixels * WORST_BYTES_PER_PIXEL

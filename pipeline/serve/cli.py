@@ -8,7 +8,15 @@ import logging
 import socket
 import sys
 
-from pipeline.serve.app import DEFAULT_MAX_K, DEFAULT_SERVE_MAX_PIXELS
+from pipeline.serve.app import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_DECODE_WAIT,
+    DEFAULT_MAX_K,
+    DEFAULT_SERVE_MAX_PIXELS,
+    worst_decode_bytes,
+)
+from pipeline.serve.connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +43,45 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--max-k", type=int, default=DEFAULT_MAX_K, help=f"most neighbours per query (default {DEFAULT_MAX_K})"
     )
+    p.add_argument(
+        "--decode-memory-mb",
+        type=float,
+        default=DEFAULT_DECODE_MEMORY_MB,
+        help="memory in MiB that all concurrent query-image decodes may use together, estimated from each image's "
+        f"header; other image queries wait for it (default {DEFAULT_DECODE_MEMORY_MB})",
+    )
+    p.add_argument(
+        "--decode-wait",
+        type=float,
+        default=DEFAULT_DECODE_WAIT,
+        help=f"seconds an image query waits for decode memory before a 503 (default {DEFAULT_DECODE_WAIT:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="most open client connections; above it the connections idle the longest are closed to let new "
+        f"ones in (default {DEFAULT_MAX_CONNECTIONS}, lowered to fit the open-files limit)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT,
+        help="seconds a connection has to send complete request headers, from connecting or from its last "
+        f"response (default {DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT,
+        help="seconds the whole request body (an upload) may take to arrive; 408 after "
+        f"(default {DEFAULT_BODY_TIMEOUT:g})",
+    )
     p.set_defaults(func=cmd_serve)
     return p
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, backlog: int = 128) -> socket.socket:
     """A listening socket, bound before uvicorn starts so that --port 0 can report the port it got."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
@@ -49,7 +91,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.listen(128)
+    sock.listen(backlog)
     return sock
 
 
@@ -60,18 +102,53 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    positive = {
+        "--max-upload-mb": args.max_upload_mb,
+        "--max-pixels": args.max_pixels,
+        "--max-k": args.max_k,
+        "--decode-memory-mb": args.decode_memory_mb,
+        "--decode-wait": args.decode_wait,
+        "--max-connections": args.max_connections,
+        "--header-timeout": args.header_timeout,
+        "--body-timeout": args.body_timeout,
+    }
+    bad = [f"{name} {value:g}" for name, value in positive.items() if not value > 0]
+    return f"{', '.join(bad)}: must be positive" if bad else None
+
+
 def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
     """Run the server until interrupted; errors before it starts: one line on stderr, exit code 2."""
-    import uvicorn
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.index.search import ModelMismatchError, Searcher
     from pipeline.serve.app import create_app
+    from pipeline.serve.connections import ConnectionGuard, build_server, plan_connections, raise_fd_limit
 
-    if args.max_upload_mb <= 0 or args.max_pixels < 1 or args.max_k < 1:
-        print("embedpipe serve: error: --max-upload-mb, --max-pixels and --max-k must be positive", file=sys.stderr)
+    problem = _check_args(args)
+    if problem:
+        print(f"embedpipe serve: error: {problem}", file=sys.stderr)
         return 2
+    decode_memory = int(args.decode_memory_mb * 2**20)
+    worst = worst_decode_bytes(args.max_pixels)
+    if worst > decode_memory:
+        log.warning(
+            "--max-pixels %d allows images that take up to %.0f MiB to decode, more than --decode-memory-mb %g: "
+            "such an image decodes alone and can exceed the budget; lower --max-pixels or raise --decode-memory-mb",
+            args.max_pixels,
+            worst / 2**20,
+            args.decode_memory_mb,
+        )
+    fd_limit = raise_fd_limit()
+    max_connections, backlog = plan_connections(args.max_connections, fd_limit)
+    if max_connections < args.max_connections:
+        log.warning(
+            "--max-connections %d lowered to %d to fit the open-files limit of %d (ulimit -n)",
+            args.max_connections,
+            max_connections,
+            fd_limit,
+        )
     if beam_args:
         FileSystems.set_options(PipelineOptions(beam_args))  # credentials/settings of remote filesystems
     try:
@@ -86,15 +163,24 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
         log.warning("image search is unavailable (search by id still works): %s", exc)
     except RuntimeError as exc:  # weights not loadable here; id search still works
         log.warning("image search is unavailable: %s", exc)
-    app = create_app(
-        searcher, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels, max_k=args.max_k
-    )
     try:
-        sock = _bind(args.host, args.port)
+        sock = _bind(args.host, args.port, backlog)
     except OSError as exc:
         print(f"embedpipe serve: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         searcher.close()
         return 2
+    guard = ConnectionGuard(max_connections, args.header_timeout)
+    app = create_app(
+        searcher,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+        max_k=args.max_k,
+        decode_memory_bytes=decode_memory,
+        decode_wait=args.decode_wait,
+        body_timeout=args.body_timeout,
+        connection_stats=guard.stats,
+    )
+    server = build_server(app, guard, keep_alive_timeout=DEFAULT_KEEP_ALIVE_TIMEOUT, backlog=backlog)
     host, port = sock.getsockname()[:2]
     if not _is_loopback(host):
         log.warning(
@@ -104,7 +190,6 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
         )
     shown = f"[{host}]" if ":" in host else host
     print(f"embedpipe serve: http://{shown}:{port}/  ({searcher.ntotal} vectors from {args.index})", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
