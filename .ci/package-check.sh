@@ -26,7 +26,7 @@ echo "=== package-check: install the wheel into a fresh venv (requirements.txt a
 # pip refuses extras in a constraints file: the same pins without them.
 sed -E 's/\[[^]]*\]//' requirements.txt >"$work/constraints.txt"
 "$PYTHON" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q --disable-pip-version-check -c "$work/constraints.txt" "$wheel[serve]"
+"$work/venv/bin/python" -m pip install -q --disable-pip-version-check -c "$work/constraints.txt" "$wheel"
 "$work/venv/bin/python" -m pip check
 
 echo "=== package-check: embedpipe --version and a 4-image embed, outside the checkout"
@@ -46,3 +46,13 @@ counts = json.load(open("out/manifest.json"))["counts"]
 assert counts["seen"] == 4 and counts["embedded"] == 4 and counts["failed"] == 0, counts
 print("package-check: the installed wheel embedded", counts)
 PY
+
+echo "=== package-check: without the [serve] extra, serve says how to get it; with it, the app imports"
+set +e
+"$work/venv/bin/embedpipe" serve --index "$work/out" 2>"$work/serve.err"
+rc=$?
+set -e
+cat "$work/serve.err"
+[ "$rc" = 2 ] && grep -q "pip install 'embedpipe\[serve\]'" "$work/serve.err" || { echo "serve without the extra: rc=$rc" >&2; exit 1; }
+"$work/venv/bin/python" -m pip install -q --disable-pip-version-check -c "$work/constraints.txt" "$wheel[serve]"
+"$work/venv/bin/python" -c "import pipeline.serve.app, pipeline.serve.connections; print('package-check: [serve] imports')"

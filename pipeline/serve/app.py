@@ -25,17 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__, reasons
 from pipeline.index.search import Hit, ModelMismatchError, QueryImageError, Searcher, UnknownIdError
-from pipeline.serve.memory import WORST_BYTES_PER_PIXEL, BudgetTimeout, DecodeBudget, decode_cost, release_memory
+from pipeline.serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_DECODE_WAIT,
+    DEFAULT_MAX_K,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_SERVE_MAX_PIXELS,
+)
+from pipeline.serve.memory import BudgetTimeout, DecodeBudget, decode_cost, release_memory
 from pipeline.serve.middleware import RequestBodyGuard
 
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
-DEFAULT_DECODE_MEMORY_MB = 2048
-# The largest image whose worst decode path (WebP with alpha, 36 bytes per pixel: serve/memory.py)
-# fits the default decode memory: 50 MP x 36 B = 1.8 GB < 2 GiB. Arithmetic: docs/SERVE.md.
-DEFAULT_SERVE_MAX_PIXELS = 50_000_000
-DEFAULT_DECODE_WAIT = 30.0
-DEFAULT_BODY_TIMEOUT = 60.0
-DEFAULT_MAX_K = 1000
 # Multipart framing and the small form fields around the file; the file itself is checked exactly.
 _MULTIPART_SLACK = 64 * 1024
 # Decodes estimated above this hand their freed memory back to the OS when they end.
@@ -287,8 +287,3 @@ def create_app(
 def _length(file: BinaryIO) -> int:
     file.seek(0, os.SEEK_END)
     return file.tell()
-
-
-def worst_decode_bytes(max_pixels: int) -> int:
-    """The memory one decode of the largest allowed image can take (the worst decode path)."""
-    return max_pixels * WORST_BYTES_PER_PIXEL

@@ -8,15 +8,17 @@ import logging
 import socket
 import sys
 
-from pipeline.serve.app import (
+from pipeline.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_DECODE_MEMORY_MB,
     DEFAULT_DECODE_WAIT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_K,
     DEFAULT_SERVE_MAX_PIXELS,
     worst_decode_bytes,
 )
-from pipeline.serve.connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,17 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.index.search import ModelMismatchError, Searcher
-    from pipeline.serve.app import create_app
-    from pipeline.serve.connections import ConnectionGuard, build_server, plan_connections, raise_fd_limit
+
+    try:
+        from pipeline.serve.app import create_app
+        from pipeline.serve.connections import ConnectionGuard, build_server, plan_connections, raise_fd_limit
+    except ImportError as exc:  # FastAPI / uvicorn are the [serve] extra
+        print(
+            f"embedpipe serve: error: the HTTP server needs the serve extra ({exc.name} is not installed): "
+            "pip install 'embedpipe[serve]'",
+            file=sys.stderr,
+        )
+        return 2
 
     problem = _check_args(args)
     if problem:

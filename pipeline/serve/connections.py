@@ -24,11 +24,10 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pipeline.serve.limits import DEFAULT_KEEP_ALIVE_TIMEOUT
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONNECTIONS = 1000
-DEFAULT_HEADER_TIMEOUT = 10.0
-DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 # File descriptors kept for everything but client connections (index, model, logs, temp files).
 RESERVED_FDS = 128
 _ACCEPT_ERRORS = ("socket.accept() out of system resource", "Error on transport creation for incoming connection")
