@@ -323,9 +323,13 @@ def test_the_model_takes_a_device_batch_as_it_takes_numpy():
 
     model = CompiledModel(ModelConfig(weights="random", image_size=32), batch_size=4)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    on_device = model(tf.constant(pixels))  # a partial batch: padded on the device
+    traced, fed = model._fn, []
+    model._fn = lambda x: fed.append(type(x).__name__) or traced(x)  # observe what reaches the graph
+    on_device = model(tf.constant(pixels))  # a partial batch: padded where it is, not via numpy
+    assert fed == ["EagerTensor"]
     assert on_device.shape == (3, 2048) and on_device.dtype == np.float32
     np.testing.assert_allclose(on_device, model(pixels), rtol=1e-5, atol=1e-6)
+    model._fn = traced
     assert model.trace_count() == 1
 
 
