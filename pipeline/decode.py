@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
 import logging
 import os
 import threading
@@ -30,10 +29,11 @@ import threading
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline import records
 from pipeline.bundles import in_global_window
-from pipeline.imaging import DecodeError, decode_image
+from pipeline.gpu_decode import decode_one  # Beam-free home: the GPU check machine has no Beam
 from pipeline.records import DecodedImage, SourceImage
+
+__all__ = ["DecodeImages", "decode_one", "decode_pool", "default_decode_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,6 @@ def decode_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
             )
             _POOLS[threads] = pool
         return pool
-
-
-def decode_one(image: SourceImage, kwargs: dict) -> DecodedImage | dict:
-    """Decode one source image: a DecodedImage, or an error row (never raises for bad input)."""
-    sha = hashlib.sha256(image.data).hexdigest()
-    try:
-        pixels, width, height, thumb = decode_image(image.data, **kwargs)
-    except DecodeError as exc:
-        return records.error_row(image.id, image.uri, "decode", exc.reason, str(exc), sha)
-    return DecodedImage(image.id, image.uri, pixels, sha, width, height, image.meta, thumb, marker=image.marker)
 
 
 class _DecodeFn(beam.DoFn):

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import resize
-from pipeline.imaging import JPEG_MIN_PIXELS_PER_BYTE, THUMBNAIL_SIZE, _orientation
+from pipeline import records, resize
+from pipeline.imaging import JPEG_MIN_PIXELS_PER_BYTE, THUMBNAIL_SIZE, DecodeError, _orientation, decode_image
 from pipeline.records import DecodedImage, SourceImage
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,20 @@ def gpu_decode_status() -> tuple[bool, str]:
     if image.buffer_kind != nv.ImageBufferKind.STRIDED_DEVICE:
         return False, f"nvImageCodec {version} decoded the probe into host memory, not on the GPU"
     return True, f"nvImageCodec {version} decodes JPEGs on CUDA device {image.device_id}"
+
+
+def decode_one(image: SourceImage, kwargs: dict) -> DecodedImage | dict:
+    """The CPU path for one image: a DecodedImage, or an error row (never raises for bad input).
+
+    kwargs: those of imaging.decode_image. Lives here, not in decode.py, so that it imports
+    without Beam (the GPU check machine has none); decode.py re-exports it.
+    """
+    sha = hashlib.sha256(image.data).hexdigest()
+    try:
+        pixels, width, height, thumb = decode_image(image.data, **kwargs)
+    except DecodeError as exc:
+        return records.error_row(image.id, image.uri, "decode", exc.reason, str(exc), sha)
+    return DecodedImage(image.id, image.uri, pixels, sha, width, height, image.meta, thumb, marker=image.marker)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -180,21 +194,31 @@ def route(data: bytes, max_pixels: int) -> Route | str:
 
 @functools.lru_cache(maxsize=1)
 def _cudart() -> Any:
-    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+    names = ("libcudart.so", "libcudart.so.13", "libcudart.so.12")
+    for name in names:
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    try:
-        import nvidia.cuda_runtime as rt  # the pip wheel TensorFlow[and-cuda] brings
+    try:  # the pip wheels' layouts: nvidia/cuda_runtime/lib (CUDA 12), nvidia/cu13/lib (CUDA 13)
+        import nvidia
 
-        base = os.path.join(next(iter(rt.__path__)), "lib")
-        for name in sorted(os.listdir(base)):
-            if name.startswith("libcudart.so"):
-                return ctypes.CDLL(os.path.join(base, name))
-    except (ImportError, OSError, StopIteration):
+        for root in nvidia.__path__:
+            for sub in ("cuda_runtime/lib", "cu13/lib", "cu12/lib"):
+                for name in names[1:]:
+                    path = os.path.join(root, sub, name)
+                    if os.path.exists(path):
+                        return ctypes.CDLL(path)
+    except (ImportError, OSError):
         pass
     return None
+
+
+def device_synchronize() -> None:
+    """Wait for all work on the current CUDA device (timing); a no-op without libcudart."""
+    lib = _cudart()
+    if lib is not None:
+        lib.cudaDeviceSynchronize()
 
 
 def _wait_for(image) -> None:
@@ -216,7 +240,11 @@ def to_backend(image, backend: str, host_kind) -> Any:
     if backend == "jax":
         import jax.dlpack
 
-        return jax.dlpack.from_dlpack(image)  # __dlpack__ with JAX's stream: ordered after the decode
+        try:
+            return jax.dlpack.from_dlpack(image)  # __dlpack__ with JAX's stream: ordered after the decode
+        except TypeError:  # a JAX that still takes capsules only
+            _wait_for(image)
+            return jax.dlpack.from_dlpack(image.to_dlpack())
     if backend == "torch":
         import torch
 
@@ -301,6 +329,8 @@ class BatchDecoder:
         self._host_kind = nv.ImageBufferKind.STRIDED_HOST
         self._backend = keras.backend.backend()
         self.resizer = _resizer()
+        self.last_error: str | None = None  # the latest device-side failure, for reports
+        self._canvas = self._canvas_allocator()
 
     def _map(self, fn: Callable, items: Sequence) -> list:
         if self._pool is None:
@@ -311,8 +341,6 @@ class BatchDecoder:
         return hashlib.sha256(image.data).hexdigest(), route(image.data, self.max_pixels)
 
     def _cpu(self, image: SourceImage) -> DecodedImage | dict:
-        from pipeline.decode import decode_one  # decode.py imports this module
-
         return decode_one(image, self._cpu_kwargs)
 
     def decode(self, images: Sequence[SourceImage]) -> list[DecodedImage | dict]:
@@ -335,18 +363,18 @@ class BatchDecoder:
             else:
                 fallback.append(i)
                 counts[f"cpu:{r}"] += 1
-        decoded = self._nv_decode([images[i].data for i in routed])
-        for i, img in zip(routed, decoded, strict=True):
+        decoded = self._nv_decode([images[i].data for i in routed], [host[i][1] for i in routed])
+        for i, (img, canvas) in zip(routed, decoded, strict=True):
             r = host[i][1]
             if img is None or tuple(img.shape[:2]) != (r.height, r.width) or img.shape[2] != 3:
                 fallback.append(i)
                 counts["cpu:nvimgcodec_failed"] += 1
                 continue
             try:
-                results[i] = self._finish(images[i], host[i][0], r, img)
+                results[i] = self._finish(images[i], host[i][0], r, img, canvas)
                 counts["gpu"] += 1
             except Exception as exc:  # a device-side failure costs this image its fast path, not its row
-                why = f"{type(exc).__name__}: {exc}"
+                why = self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("device resize failed for %s (%s); CPU path used", images[i].uri, why)
                 fallback.append(i)
                 counts["cpu:device_failed"] += 1
@@ -354,19 +382,62 @@ class BatchDecoder:
             results[i] = row
         return results, counts
 
-    def _nv_decode(self, datas: list[bytes]) -> list:
+    def _nv_decode(self, datas: list[bytes], routes: list[Route]) -> list[tuple[Any, Any]]:
+        """(nvImageCodec image or None, the bucket canvas it was decoded into or None) per input."""
         if not datas:
             return []
         nv = self._nv
+        streams = [nv.CodeStream(d) for d in datas]
+        if self._canvas is not None:
+            try:
+                return self._decode_into_canvases(streams, routes)
+            except Exception as exc:  # this decoder cannot write into our buffers: decode into its own
+                self.last_error = f"decode into canvases: {type(exc).__name__}: {exc}"
+                log.warning("nvImageCodec %s; it allocates its own buffers from now on", self.last_error)
+                self._canvas = None
         try:
-            return list(self._decoder.decode([nv.CodeStream(d) for d in datas], params=self._params))
+            return [(img, None) for img in self._decoder.decode(streams, params=self._params)]
         except Exception as exc:  # the whole batch failed (out of memory, ...): every image goes to the CPU path
-            why = f"{type(exc).__name__}: {exc}"
+            why = self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("nvImageCodec failed on a batch of %d (%s); CPU path used", len(datas), why)
-            return [None] * len(datas)
+            return [(None, None)] * len(datas)
 
-    def _finish(self, image: SourceImage, sha: str, r: Route, decoded) -> DecodedImage:
-        raw = to_backend(decoded, self._backend, self._host_kind)
+    def _decode_into_canvases(self, streams: list, routes: list[Route]) -> list[tuple[Any, Any]]:
+        """Decode each image into the top-left corner of a zeroed buffer of its bucket size.
+
+        JAX compiles a program per input shape: padding a decoded image to its bucket would
+        compile one per distinct image size. Decoded straight into bucket-sized buffers
+        (nvImageCodec writes rows with a pitch), JAX sees bucket shapes only.
+        """
+        nv, (alloc, stream) = self._nv, self._canvas
+        canvases = [alloc((resize.bucket(r.height), resize.bucket(r.width), 3)) for r in routes]
+        views = [nv.as_image(c[: r.height, : r.width]) for c, r in zip(canvases, routes, strict=True)]
+        out = self._decoder.decode(streams, images=views, params=self._params, cuda_stream=stream())
+        return [(img, canvas if img is not None else None) for img, canvas in zip(out, canvases, strict=True)]
+
+    def _canvas_allocator(self) -> tuple[Callable, Callable] | None:
+        """(allocate zeroed uint8 buffers, the CUDA stream to order the decode on) where buckets apply."""
+        if not self.resizer.buckets:
+            return None
+        if self.device == "cpu":
+            return (lambda shape: np.zeros(shape, np.uint8)), (lambda: 0)
+        try:
+            import cupy
+        except ImportError:  # JAX then pads on the device: one small program per distinct size
+            return None
+        return (lambda shape: cupy.zeros(shape, cupy.uint8)), (lambda: cupy.cuda.get_current_stream().ptr)
+
+    def _finish(self, image: SourceImage, sha: str, r: Route, decoded, canvas) -> DecodedImage:
+        if canvas is None:
+            raw = to_backend(decoded, self._backend, self._host_kind)
+        elif isinstance(canvas, np.ndarray):
+            from keras import ops
+
+            raw = ops.convert_to_tensor(canvas)
+        else:
+            import jax.dlpack
+
+            raw = jax.dlpack.from_dlpack(canvas)  # CuPy orders JAX's stream after the decode
         p = resize.plan(r.width, r.height, r.orientation, size=self.size, mode=self.resize)
         pixels = self.resizer(raw, p, out_rows=self.size)
         thumb = None

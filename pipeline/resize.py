@@ -248,7 +248,8 @@ class DeviceResizer:
 
         self.backend = keras.backend.backend()
         self.buckets = self.backend == "jax"
-        self.shapes: set[tuple] = set()  # distinct compiled shapes (JAX) or calls' shapes, for reports
+        self.shapes: set[tuple] = set()  # distinct resize shapes: one program each on JAX
+        self.padded: set[tuple[int, int]] = set()  # distinct raw sizes padded: one small pad program each on JAX
         band = [((None,), "int32"), ((None, None), "float32")]  # start, coef
         resize_sig = [((None, None, 3), "uint8"), *band, *band]
         self._fn = self._compile(self._resize, resize_sig)
@@ -265,6 +266,14 @@ class DeviceResizer:
             # Unknown dims: one trace serves every size (TensorFlow's kernels are not shape-specialised).
             return tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype) for shape, dtype in signature])
         return fn
+
+    def programs(self) -> int:
+        """Resize programs compiled so far: jax.jit cache entries, or tf.function traces (0: eager)."""
+        if self.backend == "jax":
+            return self._fn._cache_size() + self._transpose._cache_size()
+        if self.backend == "tensorflow":
+            return self._fn.experimental_get_tracing_count() + self._transpose.experimental_get_tracing_count()
+        return 0
 
     @staticmethod
     def _expand(start, coef, length: int):
@@ -299,6 +308,8 @@ class DeviceResizer:
     def __call__(self, pixels: Any, p: Plan, *, out_rows: int) -> Any:
         """Raw uint8 (h, w, 3) backend tensor -> uint8 (out_rows, out_rows, 3) backend tensor.
 
+        With buckets, `pixels` may also be the image in the corner of a zeroed (bucket(h), bucket(w), 3).
+
         The plan's output (P, Q) sits in the top-left corner; the rest is zero (thumbnails).
         """
         from keras import ops
@@ -306,7 +317,8 @@ class DeviceResizer:
         h, w = p.height, p.width
         if self.buckets:
             hb, wb = bucket(h), bucket(w)
-            if (hb, wb) != (h, w):
+            if (hb, wb) != tuple(pixels.shape[:2]):  # not decoded into a bucket-sized buffer already
+                self.padded.add((h, w))
                 pixels = ops.pad(pixels, ((0, hb - h), (0, wb - w), (0, 0)))
             kr, kc = band_width(p.rows.coef.shape[1]), band_width(p.cols.coef.shape[1])
         else:

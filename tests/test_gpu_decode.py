@@ -195,6 +195,20 @@ def test_thumbnails_match_the_cpu_paths_size_and_content():
         assert diff.mean() < 3  # two JPEG encodings of pixels one level apart
 
 
+def test_decoding_into_bucket_sized_buffers_gives_the_same_pixels():
+    """On JAX, images are decoded into the corner of zeroed bucket-sized buffers (no program per
+    size). The same path, forced here on numpy buffers, must give what decoding alone gives."""
+    images = [SourceImage(f"i{k}", "u", oriented_jpeg(k % 8 + 1, (70 + 9 * k, 50 + 5 * k))) for k in range(5)]
+    plain = decoder(32).decode(images)
+    canvased = decoder(32)
+    canvased._canvas = ((lambda shape: np.zeros(shape, np.uint8)), (lambda: 0))
+    got = canvased.decode(images)
+    assert canvased._canvas is not None and canvased.last_error is None  # it did decode into them
+    for a, b in zip(plain, got, strict=True):
+        assert (a.width, a.height) == (b.width, b.height)
+        assert np.array_equal(host(a.pixels), host(b.pixels))
+
+
 class RefusingDecoder:
     """nvImageCodec's CPU decoder, except that it returns None (as nvImageCodec does for an
     image it cannot decode) for streams whose bytes are in `refuse`, or raises for the batch."""
