@@ -19,6 +19,7 @@ whatever sizes the corpus holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -223,8 +224,22 @@ def bucket(n: int) -> int:
     raise AssertionError("unreachable")
 
 
-def band_width(k: int) -> int:
-    """Coefficients per row after padding: the next power of two (few distinct shapes to compile)."""
+@functools.lru_cache(maxsize=1024)
+def band_width(bucket_len: int, out: int, reducing_gap: float) -> int:
+    """Coefficients per row that cover every input length of this bucket resized to `out` (or more).
+
+    One width per bucket, so one program per bucket: the largest `axis_band` width over the
+    lengths that fall in the bucket (a longer output, as center-crop's, only narrows the band).
+    """
+    widest = 1
+    for n in range(max(1, bucket_len * 2 // 3 - 1), bucket_len + 1):
+        factor = max(int(n / out / reducing_gap), 1)
+        support = max(n / factor / out, 1.0)
+        widest = max(widest, (math.ceil(support) * 2 + 1) * factor)
+    return widest
+
+
+def _pow2(k: int) -> int:
     return max(4, 1 << (k - 1).bit_length())
 
 
@@ -243,11 +258,12 @@ class DeviceResizer:
     PyTorch (eager) do not specialise on shapes, so they get the pixels as they are.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, buckets: bool | None = None) -> None:
+        """buckets: pad inputs to bucket sizes (default: on the backends that compile per shape)."""
         import keras
 
         self.backend = keras.backend.backend()
-        self.buckets = self.backend == "jax"
+        self.buckets = self.backend == "jax" if buckets is None else buckets
         self.shapes: set[tuple] = set()  # distinct resize shapes: one program each on JAX
         self.padded: set[tuple[int, int]] = set()  # distinct raw sizes padded: one small pad program each on JAX
         band = [((None,), "int32"), ((None, None), "float32")]  # start, coef
@@ -308,9 +324,8 @@ class DeviceResizer:
     def __call__(self, pixels: Any, p: Plan, *, out_rows: int) -> Any:
         """Raw uint8 (h, w, 3) backend tensor -> uint8 (out_rows, out_rows, 3) backend tensor.
 
-        With buckets, `pixels` may also be the image in the corner of a zeroed (bucket(h), bucket(w), 3).
-
-        The plan's output (P, Q) sits in the top-left corner; the rest is zero (thumbnails).
+        The plan's output (P, Q) sits in the top-left corner; the rest is zero (thumbnails). With
+        buckets, `pixels` may also be the image in the corner of a zeroed (bucket(h), bucket(w), 3).
         """
         from keras import ops
 
@@ -320,7 +335,12 @@ class DeviceResizer:
             if (hb, wb) != tuple(pixels.shape[:2]):  # not decoded into a bucket-sized buffer already
                 self.padded.add((h, w))
                 pixels = ops.pad(pixels, ((0, hb - h), (0, wb - w), (0, 0)))
-            kr, kc = band_width(p.rows.coef.shape[1]), band_width(p.cols.coef.shape[1])
+            if p.out == (out_rows, out_rows):  # the model input: one band width per bucket
+                kr = band_width(hb, out_rows, RESIZE_REDUCING_GAP)
+                kc = band_width(wb, out_rows, RESIZE_REDUCING_GAP)
+            else:  # a thumbnail, smaller than its canvas: widths rounded up to a power of two
+                kr, kc = _pow2(p.rows.coef.shape[1]), _pow2(p.cols.coef.shape[1])
+            kr, kc = max(kr, p.rows.coef.shape[1]), max(kc, p.cols.coef.shape[1])
         else:
             hb, wb = h, w
             kr, kc = p.rows.coef.shape[1], p.cols.coef.shape[1]

@@ -75,21 +75,30 @@ def test_resize_weights_reproduce_pillows_resize_of_the_oriented_image(orientati
     assert np.abs(got.astype(int) - np.asarray(small).astype(int)).max() <= 1
 
 
-def test_device_resize_matches_the_host_reference_with_one_trace():
-    resizer = gpu_decode._resizer()
+@pytest.mark.parametrize("buckets", [False, True], ids=["as-is", "buckets"])
+def test_device_resize_matches_the_host_reference_with_bounded_programs(buckets):
+    """As-is: what TensorFlow runs (one trace for every size). Buckets: what JAX runs (inputs
+    padded to bucket sizes, one band width per bucket), exercised here on the same backend."""
     from keras import ops
 
-    for w, h, orientation in ((301, 187, 1), (187, 301, 6), (64, 100, 3), (1000, 40, 8)):
+    resizer = resize.DeviceResizer(buckets=buckets)
+    sizes = ((301, 187, 1), (187, 301, 6), (64, 100, 3), (1000, 40, 8), (290, 200, 2), (260, 170, 5))
+    for w, h, orientation in sizes:
         arr = np.asarray(photo((w, h), "astronaut"))
-        p = resize.plan(w, h, orientation, size=48, mode="squash")
-        got = host(resizer(ops.convert_to_tensor(arr), p, out_rows=48))
-        assert np.abs(got.astype(int) - resize.apply_numpy(arr, p).astype(int)).max() <= 1
+        for mode in ("squash", "center-crop"):
+            p = resize.plan(w, h, orientation, size=48, mode=mode)
+            got = host(resizer(ops.convert_to_tensor(arr), p, out_rows=48))
+            assert np.abs(got.astype(int) - resize.apply_numpy(arr, p).astype(int)).max() <= 1, (w, h, mode)
         t = resize.thumbnail_plan(w, h, orientation, box=128)
         canvas = host(resizer(ops.convert_to_tensor(arr), t, out_rows=128))
         th, tw = t.out
         assert np.abs(canvas[:th, :tw].astype(int) - resize.apply_numpy(arr, t).astype(int)).max() <= 1
         assert not canvas[th:].any() and not canvas[:, tw:].any()
-    if resizer.backend == "tensorflow":
+    if buckets:
+        # One program per pair of buckets (squash and center-crop share it), whatever the sizes in it.
+        model_input = {s for s in resizer.shapes if s[-1] == 48}
+        assert len(model_input) == len({(resize.bucket(h), resize.bucket(w)) for w, h, _ in sizes}) == 5
+    else:
         # Images come in many sizes: TensorFlow traces the resize once, for unknown shapes.
         assert resizer._fn.experimental_get_tracing_count() == 1
 
