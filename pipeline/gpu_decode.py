@@ -1,23 +1,11 @@
 """Batch JPEG decoding with NVIDIA nvImageCodec, resized on the device, with a per-image CPU fallback.
 
-`BatchDecoder.decode(images)` turns a list of SourceImage into, per input and in order, a
-DecodedImage whose pixels are a tensor of the current Keras backend (on the GPU when the
-decoder runs there) or an error row: the same ids, `content_sha256`, width/height, reason codes
-and messages as the CPU path (`decode.decode_one`), which it uses itself for every image it does
-not decode.
-
-Only what nvImageCodec decodes under the CPU path's rules goes to it, decided from the header
-(Pillow's lazy `Image.open`, which reads no pixels, plus a scan for the frame marker): an 8-bit
-baseline, extended or progressive Huffman JPEG in YCbCr or grayscale, that passes the
-`--max-pixels` and forged-header checks and ends with its end-of-image marker. Everything else
-(PNG, CMYK or RGB-coded JPEG, lossless or arithmetic JPEG, a cut file, a bomb) and every image
-nvImageCodec refuses or fails on (None at its position) is decoded by `decode_one`, alone.
-
-The decoded pixels never leave the device: they are imported through DLPack into the Keras
-backend, resized there by `pipeline.resize` (Pillow's BILINEAR + reduce geometry, EXIF
-orientation and center-crop folded into the weights), and handed to the model as a batch.
-`device="cpu"` runs the same code on nvImageCodec's CPU backend (libjpeg-turbo), which is how
-the tests exercise it on machines without a GPU.
+`BatchDecoder.decode(images)` gives, per SourceImage and in order, a DecodedImage whose pixels
+stay on the device (a tensor of the Keras backend) or an error row, with the CPU path's ids,
+sha256, sizes, reasons and messages. Only JPEGs that nvImageCodec decodes under the CPU path's
+rules go to it (`route`, from the header alone); every other image, and every image it fails
+on, is decoded by `decode_one` (the CPU path), alone. `device="cpu"` runs the same code on
+nvImageCodec's CPU backend: how the tests run it without a GPU. Design: docs/GPU.md.
 """
 
 from __future__ import annotations
