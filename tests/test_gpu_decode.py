@@ -361,6 +361,19 @@ def _save_vector(row: dict, folder: str, tag: str) -> str:
     return row["id"]
 
 
+def test_embed_stacks_device_pixels_on_the_device_and_numpy_as_before():
+    import tensorflow as tf
+
+    from pipeline.embed import stack_pixels
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    plain = stack_pixels(arrays)
+    assert isinstance(plain, np.ndarray) and np.array_equal(plain, np.stack(arrays))
+    mixed = stack_pixels([tf.constant(arrays[0]), arrays[1], tf.constant(arrays[2])])  # a CPU fallback among them
+    assert isinstance(mixed, tf.Tensor) and np.array_equal(mixed.numpy(), plain)
+
+
 @pytest.mark.slow
 def test_beam_pipeline_with_gpu_decode_gives_every_row_and_the_cpu_paths_vectors(tmp_path):
     """FnApiRunner: DecodeImages(decode="gpu") on the CPU backend, then EmbedImages on the
