@@ -131,9 +131,10 @@ def batch_decoder(kwargs: dict, threads: int):
         found = _BATCH_DECODERS.get(key)
         if found is None:
             available, why = gpu_decode_status()
+            # Raises (one line: what to install) where nvImageCodec does not import.
+            decoder = BatchDecoder(**kwargs, device="gpu" if available else "cpu", pool=decode_pool(threads))
             if not available:
                 log.warning("embedpipe: decode=gpu without a usable GPU (%s): nvImageCodec's CPU backend decodes", why)
-            decoder = BatchDecoder(**kwargs, device="gpu" if available else "cpu", pool=decode_pool(threads))
             executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-gpu-decode")
             found = _BATCH_DECODERS[key] = (decoder, executor)
         return found
