@@ -724,7 +724,8 @@ def print_gpu_decode(section: dict | None) -> None:
         print(
             f"first pass over {fp['images']} images: {fp['seconds']:.1f}s, compiles included "
             f"({section.get('resize_programs', '?')} resize programs compiled for "
-            f"{section.get('resize_shapes', '?')} padded shapes; {section.get('padded_sizes', '?')} raw sizes padded);"
+            f"{section.get('resize_shapes', '?')} distinct input shapes; "
+            f"{section.get('padded_sizes', '?')} raw sizes padded by a device op);"
             f" decoded where: {fp['counts']}"
         )
     if "nvimgcodec_img_s" in section:
