@@ -9,13 +9,19 @@ The pool's threads run at a lower scheduling priority than the rest of the
 process: on a CPU-only worker the model's threads keep the cores and decoding
 fills the gaps between and within batches; on a GPU worker, where the cores are
 otherwise idle, the priority changes nothing.
+
+With decode="gpu", images are gathered into batches and decoded by
+`gpu_decode.BatchDecoder` (nvImageCodec on the GPU; its CPU backend where no GPU
+is visible) on one thread per process, one batch ahead of the bundle thread; the
+pool then does the host work (hashing, headers) and the per-image CPU fallbacks.
+Pixels stay on the device and reach EmbedImages (fused into the same stage) as
+tensors of the Keras backend.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
 import logging
 import os
 import threading
@@ -23,10 +29,11 @@ import threading
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline import records
 from pipeline.bundles import in_global_window
-from pipeline.imaging import DecodeError, decode_image
+from pipeline.gpu_decode import decode_one  # Beam-free home: the GPU check machine has no Beam
 from pipeline.records import DecodedImage, SourceImage
+
+__all__ = ["DecodeImages", "decode_one", "decode_pool", "default_decode_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,13 @@ DECODE_NICENESS = 10
 
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+# One BatchDecoder (and the one thread that drives it) per configuration and process.
+_BATCH_DECODERS: dict[tuple, tuple] = {}
+_BATCH_LOCK = threading.Lock()  # held while one is built (seconds: imports Keras), so only one is
 # A forked child inherits the pool objects but not their threads: it must make its own.
 os.register_at_fork(after_in_child=_POOLS.clear)
+os.register_at_fork(after_in_child=_BATCH_DECODERS.clear)
+DECODE_MODES = ("cpu", "gpu")
 
 
 def default_decode_threads() -> int:
@@ -70,16 +82,6 @@ def decode_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
             )
             _POOLS[threads] = pool
         return pool
-
-
-def decode_one(image: SourceImage, kwargs: dict) -> DecodedImage | dict:
-    """Decode one source image: a DecodedImage, or an error row (never raises for bad input)."""
-    sha = hashlib.sha256(image.data).hexdigest()
-    try:
-        pixels, width, height, thumb = decode_image(image.data, **kwargs)
-    except DecodeError as exc:
-        return records.error_row(image.id, image.uri, "decode", exc.reason, str(exc), sha)
-    return DecodedImage(image.id, image.uri, pixels, sha, width, height, image.meta, thumb, marker=image.marker)
 
 
 class _DecodeFn(beam.DoFn):
@@ -116,6 +118,78 @@ class _DecodeFn(beam.DoFn):
             yield in_global_window(self._emit(self._pending.popleft()))
 
 
+def batch_decoder(kwargs: dict, threads: int):
+    """The process-wide (BatchDecoder, its single-thread executor) for these options.
+
+    nvImageCodec's decoder holds CUDA streams and buffers: one per process, driven by one
+    thread, whichever DoFn instance (Beam makes several) submits the batch.
+    """
+    from pipeline.gpu_decode import BatchDecoder, gpu_decode_status
+
+    key = (tuple(sorted(kwargs.items())), threads)
+    with _BATCH_LOCK:
+        found = _BATCH_DECODERS.get(key)
+        if found is None:
+            available, why = gpu_decode_status()
+            # Raises (one line: what to install) where nvImageCodec does not import.
+            decoder = BatchDecoder(**kwargs, device="gpu" if available else "cpu", pool=decode_pool(threads))
+            if not available:
+                log.warning("embedpipe: decode=gpu without a usable GPU (%s): nvImageCodec's CPU backend decodes", why)
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-gpu-decode")
+            found = _BATCH_DECODERS[key] = (decoder, executor)
+        return found
+
+
+class _GpuDecodeFn(beam.DoFn):
+    def __init__(
+        self, *, size: int, resize: str, max_pixels: int, draft: bool, thumbnails: bool, threads: int, batch_size: int
+    ):
+        self._kwargs = dict(size=size, resize=resize, max_pixels=max_pixels, draft=draft, thumbnails=thumbnails)
+        self._threads = threads
+        self._batch_size = batch_size
+        self._failed = Metrics.counter("embedpipe", "images_failed_decode")
+        self._on_gpu = Metrics.counter("embedpipe", "images_decoded_gpu")
+        self._fallback = Metrics.counter("embedpipe", "images_decoded_cpu_fallback")
+
+    def setup(self) -> None:
+        self._decoder, self._executor = batch_decoder(self._kwargs, self._threads or default_decode_threads())
+
+    def start_bundle(self) -> None:
+        self._buffer: list[SourceImage] = []
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+
+    def _submit(self) -> None:
+        batch, self._buffer = self._buffer, []
+        self._pending.append(self._executor.submit(self._decoder.decode_counted, batch))
+
+    def _emit(self, future: concurrent.futures.Future):
+        # Metrics are counted here, on the bundle thread (Beam's metric cells are per thread).
+        results, counts = future.result()
+        self._on_gpu.inc(counts.get("gpu", 0))
+        self._fallback.inc(sum(v for k, v in counts.items() if k.startswith("cpu:")))
+        for result in results:
+            if isinstance(result, DecodedImage):
+                yield result
+            else:
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput("errors", result)
+
+    def process(self, image: SourceImage):
+        self._buffer.append(image)
+        if len(self._buffer) >= self._batch_size:
+            self._submit()
+            # One batch decodes while the previous one goes downstream to the model.
+            while len(self._pending) > 1:
+                yield from self._emit(self._pending.popleft())
+
+    def finish_bundle(self):
+        if self._buffer:
+            self._submit()
+        while self._pending:
+            for item in self._emit(self._pending.popleft()):
+                yield in_global_window(item)
+
+
 class DecodeImages(beam.PTransform):
     """SourceImage -> DecodedImage (main output) and error rows (output "errors").
 
@@ -132,12 +206,24 @@ class DecodeImages(beam.PTransform):
         draft: bool = True,
         thumbnails: bool = False,
         threads: int = 0,
+        decode: str = "cpu",
+        batch_size: int = 64,
     ) -> None:
-        """threads: decode threads per worker process (0: one per CPU core)."""
+        """threads: decode threads per worker process (0: one per CPU core).
+
+        decode: "cpu" (Pillow on the thread pool) or "gpu" (nvImageCodec, `batch_size` images
+        at a time; see gpu_decode.py). Both give the same rows, reasons and counts.
+        """
         super().__init__()
-        self._fn = _DecodeFn(
-            size=size, resize=resize, max_pixels=max_pixels, draft=draft, thumbnails=thumbnails, threads=threads
-        )
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}; got {decode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        common = dict(size=size, resize=resize, max_pixels=max_pixels, draft=draft, thumbnails=thumbnails)
+        if decode == "gpu":
+            self._fn = _GpuDecodeFn(**common, threads=threads, batch_size=batch_size)
+        else:
+            self._fn = _DecodeFn(**common, threads=threads)
 
     def expand(self, images):
         return images | "Decode" >> beam.ParDo(self._fn).with_outputs("errors", main="decoded")

@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 _MODELS = shared.Shared()
 
 
+def stack_pixels(pixels: list):
+    """One batch from per-image pixels: numpy stays numpy (np.stack, as always); device tensors
+    from the GPU decoder are stacked on their device, so they never cross to the host."""
+    if all(isinstance(p, np.ndarray) for p in pixels):
+        return np.stack(pixels)
+    from pipeline.gpu_decode import stack
+
+    return stack(pixels)
+
+
 class _ModelHolder:
     """Weak-referenceable box for the compiled model (what `shared.Shared` caches)."""
 
@@ -141,7 +151,7 @@ class _EmbedFn(beam.DoFn):
         Beam's metric cells are thread-local to the bundle thread."""
         start = time.perf_counter()
         try:
-            vectors = model(np.stack([im.pixels for im in batch]))
+            vectors = model(stack_pixels([im.pixels for im in batch]))
         except Exception as exc:  # one bad batch becomes error rows, not a failed job
             log.exception("inference failed on a batch of %d", len(batch))
             message = f"{type(exc).__name__}: {exc}"

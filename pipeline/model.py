@@ -201,14 +201,23 @@ class CompiledModel:
         self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], jit_compile=self.jit)
         self.traces = 0
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed up to `batch_size` images (uint8, N x S x S x 3) -> float32 (N, 2048)."""
-        n = pixels.shape[0]
+    def __call__(self, pixels: Any) -> np.ndarray:
+        """Embed up to `batch_size` images (uint8, N x S x S x 3) -> float32 (N, 2048).
+
+        `pixels` is numpy, or a TensorFlow tensor already on the device (the GPU decoder's
+        output): that one is padded and fed where it is, with no copy through the host.
+        """
+        n = int(pixels.shape[0])
         if n > self.batch_size:
             raise ValueError(f"batch of {n} exceeds the compiled batch size {self.batch_size}")
-        if n < self.batch_size:
-            pad = np.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=np.uint8)
-            pixels = np.concatenate([pixels, pad])
+        if isinstance(pixels, np.ndarray):
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=np.uint8)
+                pixels = np.concatenate([pixels, pad])
+        elif n < self.batch_size:
+            import tensorflow as tf
+
+            pixels = tf.pad(pixels, [[0, self.batch_size - n], [0, 0], [0, 0], [0, 0]])
         out = self._fn(pixels).numpy()
         return np.ascontiguousarray(out[:n], dtype=np.float32)
 
