@@ -109,6 +109,11 @@ class EmbedConfig:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}; got {self.decode!r}")
         if self.decode_stage not in DECODE_STAGES:
             raise ValueError(f"decode_stage must be one of {', '.join(DECODE_STAGES)}; got {self.decode_stage!r}")
+        if self.decode_stage == "separate" and self.decode == "gpu":
+            raise ValueError(
+                "--decode gpu needs --decode-stage fused: with separate, decoding runs on CPU workers and only "
+                "the inference stage has the GPU"
+            )
 
 
 def file_sha256(path: str) -> str:

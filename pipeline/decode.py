@@ -49,7 +49,7 @@ _BATCH_LOCK = threading.Lock()  # held while one is built (seconds: imports Kera
 # A forked child inherits the pool objects but not their threads: it must make its own.
 os.register_at_fork(after_in_child=_POOLS.clear)
 os.register_at_fork(after_in_child=_BATCH_DECODERS.clear)
-DECODE_MODES = ("cpu", "gpu")
+DECODE_MODES = ("auto", "cpu", "gpu")
 
 
 def default_decode_threads() -> int:
@@ -118,26 +118,51 @@ class _DecodeFn(beam.DoFn):
             yield in_global_window(self._emit(self._pending.popleft()))
 
 
-def batch_decoder(kwargs: dict, threads: int):
+def batch_decoder(kwargs: dict, threads: int, device: str):
     """The process-wide (BatchDecoder, its single-thread executor) for these options.
 
     nvImageCodec's decoder holds CUDA streams and buffers: one per process, driven by one
     thread, whichever DoFn instance (Beam makes several) submits the batch.
     """
-    from pipeline.gpu_decode import BatchDecoder, gpu_decode_status
+    from pipeline.gpu_decode import BatchDecoder
 
-    key = (tuple(sorted(kwargs.items())), threads)
+    key = (tuple(sorted(kwargs.items())), threads, device)
     with _BATCH_LOCK:
         found = _BATCH_DECODERS.get(key)
         if found is None:
-            available, why = gpu_decode_status()
             # Raises (one line: what to install) where nvImageCodec does not import.
-            decoder = BatchDecoder(**kwargs, device="gpu" if available else "cpu", pool=decode_pool(threads))
-            if not available:
-                log.warning("embedpipe: decode=gpu without a usable GPU (%s): nvImageCodec's CPU backend decodes", why)
+            decoder = BatchDecoder(**kwargs, device=device, pool=decode_pool(threads))
             executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-gpu-decode")
             found = _BATCH_DECODERS[key] = (decoder, executor)
         return found
+
+
+def gpu_decoding(decode: str, *, cpu_backend_ok: bool = False) -> tuple[str | None, str]:
+    """(nvImageCodec device to decode on, or None for the Pillow path; why) for a --decode mode, on this worker.
+
+    auto: the GPU when nvImageCodec imports and decodes on a visible CUDA device, else Pillow.
+    gpu: the GPU, or an error saying what is missing; with `cpu_backend_ok`, nvImageCodec's CPU
+    backend instead (the tests' way to run the GPU path's code on a machine without one).
+    """
+    if decode == "cpu":
+        return None, "--decode cpu"
+    if decode == "auto" and not os.path.exists("/dev/nvidiactl"):
+        # No NVIDIA driver node: no GPU to ask for, and loading nvImageCodec would only fill the log.
+        return None, "--decode auto: no NVIDIA GPU on this worker; decoding with Pillow on the CPU"
+    from pipeline.gpu_decode import gpu_decode_status
+
+    available, why = gpu_decode_status()
+    if available:
+        return "gpu", why
+    if decode == "auto":
+        return None, f"--decode auto: {why}; decoding with Pillow on the CPU"
+    if cpu_backend_ok:
+        return "cpu", f"{why}; nvImageCodec's CPU backend decodes"
+    raise GpuDecodeUnavailableError(f"--decode gpu: {why} (use --decode auto or cpu on machines without a GPU)")
+
+
+class GpuDecodeUnavailableError(ValueError):
+    """--decode gpu on a worker where nvImageCodec cannot decode on a GPU."""
 
 
 class _GpuDecodeFn(beam.DoFn):
@@ -150,9 +175,11 @@ class _GpuDecodeFn(beam.DoFn):
         self._failed = Metrics.counter("embedpipe", "images_failed_decode")
         self._on_gpu = Metrics.counter("embedpipe", "images_decoded_gpu")
         self._fallback = Metrics.counter("embedpipe", "images_decoded_cpu_fallback")
+        self.device = "gpu"
 
     def setup(self) -> None:
-        self._decoder, self._executor = batch_decoder(self._kwargs, self._threads or default_decode_threads())
+        threads = self._threads or default_decode_threads()
+        self._decoder, self._executor = batch_decoder(self._kwargs, threads, self.device)
 
     def start_bundle(self) -> None:
         self._buffer: list[SourceImage] = []
@@ -190,6 +217,33 @@ class _GpuDecodeFn(beam.DoFn):
                 yield in_global_window(item)
 
 
+class _ChosenDecodeFn(beam.DoFn):
+    """--decode auto|gpu: the path is chosen on the worker at setup, where the GPU is (or is not)."""
+
+    def __init__(self, cpu: _DecodeFn, gpu: _GpuDecodeFn, decode: str, cpu_backend_ok: bool) -> None:
+        self._cpu, self._gpu = cpu, gpu
+        self._decode, self._cpu_backend_ok = decode, cpu_backend_ok
+
+    def setup(self) -> None:
+        device, why = gpu_decoding(self._decode, cpu_backend_ok=self._cpu_backend_ok)  # raises for gpu without one
+        if device is None:
+            self._impl = self._cpu
+        else:
+            self._gpu.device = device
+            self._impl = self._gpu
+        log.info("embedpipe: decoding: %s", why)
+        self._impl.setup()
+
+    def start_bundle(self) -> None:
+        self._impl.start_bundle()
+
+    def process(self, image: SourceImage):
+        return self._impl.process(image)
+
+    def finish_bundle(self):
+        return self._impl.finish_bundle()
+
+
 class DecodeImages(beam.PTransform):
     """SourceImage -> DecodedImage (main output) and error rows (output "errors").
 
@@ -208,11 +262,14 @@ class DecodeImages(beam.PTransform):
         threads: int = 0,
         decode: str = "cpu",
         batch_size: int = 64,
+        cpu_backend_ok: bool = False,
     ) -> None:
         """threads: decode threads per worker process (0: one per CPU core).
 
-        decode: "cpu" (Pillow on the thread pool) or "gpu" (nvImageCodec, `batch_size` images
-        at a time; see gpu_decode.py). Both give the same rows, reasons and counts.
+        decode: "cpu" (Pillow on the thread pool), "gpu" (nvImageCodec, `batch_size` images
+        at a time; see gpu_decode.py; a worker without a usable GPU fails at setup, unless
+        `cpu_backend_ok` lets nvImageCodec's CPU backend stand in) or "auto" (the GPU where the
+        worker has one, else Pillow). All give the same rows, reasons and counts.
         """
         super().__init__()
         if decode not in DECODE_MODES:
@@ -220,10 +277,12 @@ class DecodeImages(beam.PTransform):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         common = dict(size=size, resize=resize, max_pixels=max_pixels, draft=draft, thumbnails=thumbnails)
-        if decode == "gpu":
-            self._fn = _GpuDecodeFn(**common, threads=threads, batch_size=batch_size)
+        cpu = _DecodeFn(**common, threads=threads)
+        if decode == "cpu":
+            self._fn = cpu
         else:
-            self._fn = _DecodeFn(**common, threads=threads)
+            gpu = _GpuDecodeFn(**common, threads=threads, batch_size=batch_size)
+            self._fn = _ChosenDecodeFn(cpu, gpu, decode, cpu_backend_ok)
 
     def expand(self, images):
         return images | "Decode" >> beam.ParDo(self._fn).with_outputs("errors", main="decoded")

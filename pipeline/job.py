@@ -138,6 +138,9 @@ def build_embed_pipeline(
         draft=cfg.draft,
         thumbnails=cfg.thumbnails,
         threads=cfg.decode_threads,
+        # Separate: decoding runs on the CPU workers, and the pixels must be host arrays to cross the shuffle.
+        decode="cpu" if cfg.decode_stage == "separate" else cfg.decode,
+        batch_size=resolve_batch_size(cfg, options, require_gpu=require_gpu or bool(accelerator)),
     )
     embed = EmbedImages(
         cfg.model,
@@ -367,16 +370,20 @@ def run_embed(
         overwrite: write into a non-empty OUTPUT that embedpipe did not write (else NotOwnedError).
     """
     out = cfg.output.rstrip("/")
-    claim(
-        out, kind="output", what="--output", overwrite=overwrite, accepts=("output", "run"), recognised=is_embed_output
-    )
-    sweep_staging(out)
     options, accelerator = embed_options(cfg, list(beam_args or []), workers=workers)
     if preflight and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
         # Local workers share this machine's Keras cache: fetch (or fail) once, up front.
         from pipeline.model import ensure_weights_available
 
         ensure_weights_available(cfg.model)
+    if cfg.decode == "gpu" and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+        from pipeline.decode import gpu_decoding
+
+        gpu_decoding("gpu")  # the workers are this machine: say now, in one line, if it cannot
+    claim(
+        out, kind="output", what="--output", overwrite=overwrite, accepts=("output", "run"), recognised=is_embed_output
+    )
+    sweep_staging(out)
     embedded_at = utc_now()
     staging = f"{out}/{staging_name(embedded_at)}"
     try:

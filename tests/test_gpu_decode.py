@@ -401,7 +401,7 @@ def test_beam_pipeline_with_gpu_decode_gives_every_row_and_the_cpu_paths_vectors
     source = p | beam.Create(images)
     for tag in ("gpu", "cpu"):
         decoded = source | f"Decode{tag}" >> DecodeImages(
-            size=32, max_pixels=LIMIT, draft=False, decode=tag, batch_size=3, threads=2
+            size=32, max_pixels=LIMIT, draft=False, decode=tag, batch_size=3, threads=2, cpu_backend_ok=True
         )
         embedded = decoded.decoded | f"Embed{tag}" >> EmbedImages(cfg, batch_size=4, embedded_at=when)
         ids = embedded.embeddings | f"Save{tag}" >> beam.Map(_save_vector, str(tmp_path), tag)
