@@ -185,3 +185,95 @@ def build_cross_format_corpus(root: pathlib.Path, images: dict[str, bytes]) -> d
         "parquet": [str(root / "parquet" / "*.parquet")],
         "urilist": [str(root / "urilist" / "list.csv")],
     }
+
+
+# ---------------------------------------------------------------- decompression bombs
+# Streamed to disk 1 MiB at a time: a bomb of any decompressed size costs no memory to build.
+# `level` 1 compresses zeros ~230x in a second per 256 MiB; 9 gives ~1000x at 4x the time.
+
+_ZEROS = b"\0" * (1 << 20)
+
+
+def _write_zeros(out, size: int, fill: bytes = _ZEROS) -> None:
+    left = size
+    while left:
+        n = min(left, len(fill))
+        out.write(fill[:n] if n < len(fill) else fill)
+        left -= n
+
+
+def write_tar_bomb(
+    path: pathlib.Path, size: int, *, name: str = "0000.jpg", after: list[tuple[str, bytes]] = (), level: int = 1
+):
+    """A gzip'd tar: one member `name` of `size` zero bytes, then `<key>.jpg` members for `after`."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        out.write(info.tobuf(tarfile.GNU_FORMAT))
+        _write_zeros(out, size + (-size % tarfile.BLOCKSIZE))
+        for key, data in after:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+def write_pax_bomb(path: pathlib.Path, size: int, *, after: list[tuple[str, bytes]] = (), level: int = 1):
+    """A gzip'd tar whose first header is a pax extended header claiming `size` bytes (zeros)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type = tarfile.XHDTYPE
+        info.size = size
+        out.write(info.tobuf(tarfile.USTAR_FORMAT))
+        _write_zeros(out, size + (-size % tarfile.BLOCKSIZE))
+        for key, data in after:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+def write_tfrecord_bomb(path: pathlib.Path, size: int, *, after: list[bytes] = (), level: int = 1):
+    """A gzip'd TFRecord: one well-formed record of `size` zero bytes, then the serialized examples `after`."""
+    import gzip
+    import struct
+
+    from google_crc32c import extend
+
+    from pipeline.formats.tfrecord import encode_frame, masked_crc32c
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crc, left = 0, size
+    while left:  # crc32c of the zeros, without holding them
+        n = min(left, len(_ZEROS))
+        crc = extend(crc, _ZEROS[:n])
+        left -= n
+    masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        length = struct.pack("<Q", size)
+        out.write(length + struct.pack("<I", masked_crc32c(length)))
+        _write_zeros(out, size)
+        out.write(struct.pack("<I", masked))
+        for example in after:
+            out.write(encode_frame(example))
+    return path
+
+
+def write_list_bomb(path: pathlib.Path, size: int, *, before: list[str] = (), after: list[str] = (), level: int = 1):
+    """A gzip'd text URI list: the lines `before`, one line of `size` bytes ('a'), the lines `after`."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        out.write("".join(f"{line}\n" for line in before).encode())
+        _write_zeros(out, size, b"a" * (1 << 20))
+        out.write(b"\n" + "".join(f"{line}\n" for line in after).encode())
+    return path
