@@ -7,15 +7,21 @@ are tested against what real tools write, not against our own encoders.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import pathlib
 import tarfile
+import threading
+import time
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from pipeline.sample import jpeg_bytes, photos, variant
 
@@ -277,3 +283,79 @@ def write_list_bomb(path: pathlib.Path, size: int, *, before: list[str] = (), af
         _write_zeros(out, size, b"a" * (1 << 20))
         out.write(b"\n" + "".join(f"{line}\n" for line in after).encode())
     return path
+
+
+def write_parquet_bomb(path: pathlib.Path, case: str) -> pathlib.Path:
+    """A few-KB Parquet file (zstd) that describes far more than it holds.
+
+    `one-value`: one 64 MiB value of zeros; `repeated-value`: one 8 MiB dictionary value
+    used by 512 rows; `repeated-uri`: a URI list whose 20,000 rows share one 66,000-byte "URI".
+    """
+    if case == "one-value":
+        table = pa.table({"key": ["0"], "jpg": pa.array([bytes(64 << 20)], pa.binary())})
+    elif case == "repeated-value":
+        jpg = pa.DictionaryArray.from_arrays(pa.array([0] * 512, pa.int32()), pa.array([bytes(8 << 20)]))
+        table = pa.table({"key": [str(i) for i in range(512)], "jpg": jpg})
+    elif case == "repeated-uri":
+        uri = pa.DictionaryArray.from_arrays(pa.array([0] * 20_000, pa.int32()), pa.array(["a" * 66_000]))
+        table = pa.table({"uri": uri})
+    else:
+        raise ValueError(f"no such Parquet bomb: {case!r}")
+    # store_schema=False: the Arrow schema would say "dictionary", the file's own says binary/string
+    pq.write_table(table, path, compression="zstd", dictionary_pagesize_limit=1 << 30, store_schema=False)
+    return path
+
+
+# ---------------------------------------------------------------- special files and slow sources
+
+
+class Unblock:
+    """After `after` s, keeps opening a FIFO's write end so that a reader stuck on it returns; says if it had to.
+
+    A reader that opens the FIFO again after the first release is released again (every second).
+    """
+
+    def __init__(self, fifo, after: float = 10.0) -> None:
+        self.fired = False
+        self._fifo = str(fifo)
+        self._after = after
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if self._done.wait(self._after):
+            return
+        self.fired = True
+        while not self._done.is_set():
+            with contextlib.suppress(OSError):  # ENXIO: no reader waits right now
+                os.close(os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK))
+            self._done.wait(1.0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class SlowFs(LocalFileSystem):
+    """`slowfs://BUCKET/...`: a bucket named `down-*` answers every open after DELAY s with an error.
+
+    Stands in for an unreachable gs:// bucket (the client retries for ~110 s); other buckets serve bytes.
+    """
+
+    DELAY = 1.0
+    opened: ClassVar[list[str]] = []
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "slowfs"
+
+    def open(self, path, mime_type="application/octet-stream", compression_type="auto"):
+        SlowFs.opened.append(path)
+        if path.split("://", 1)[1].startswith("down-"):
+            time.sleep(self.DELAY)
+            raise OSError(f"{path}: connection timed out")
+        return io.BytesIO(b"bytes of " + path.encode())

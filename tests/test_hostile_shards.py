@@ -8,7 +8,6 @@ that holds what it decompresses, or decompresses quadratically, misses them by f
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
@@ -16,25 +15,25 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import tracemalloc
 import uuid
-from typing import ClassVar
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from embed_helpers import read_dir
 from shard_fixtures import (
+    SlowFs,
+    Unblock,
     image_examples,
     make_images,
     write_files,
     write_list_bomb,
+    write_parquet_bomb,
     write_pax_bomb,
     write_tar_bomb,
     write_tfrecord,
@@ -152,16 +151,7 @@ print(json.dumps({"rows": rows, "arrow_peak": pa.default_memory_pool().max_memor
 @pytest.mark.parametrize("case", ["one-value", "repeated-value", "repeated-uri"])
 def test_a_small_parquet_file_cannot_make_pyarrow_allocate_its_decompressed_size(tmp_path, case):
 
-    path = tmp_path / f"{case}.parquet"
-    if case == "one-value":  # one 64 MiB value of zeros: a few KB with zstd
-        table = pa.table({"key": ["0"], "jpg": pa.array([bytes(64 << 20)], pa.binary())})
-    elif case == "repeated-value":  # one 8 MiB dictionary value, used by 512 rows
-        jpg = pa.DictionaryArray.from_arrays(pa.array([0] * 512, pa.int32()), pa.array([bytes(8 << 20)]))
-        table = pa.table({"key": [str(i) for i in range(512)], "jpg": jpg})
-    else:  # a URI list: one 65 KiB "URI" used by 20,000 rows
-        uri = pa.DictionaryArray.from_arrays(pa.array([0] * 20_000, pa.int32()), pa.array(["a" * 66_000]))
-        table = pa.table({"uri": uri})
-    pq.write_table(table, path, compression="zstd", dictionary_pagesize_limit=1 << 30, store_schema=False)
+    path = write_parquet_bomb(tmp_path / f"{case}.parquet", case)
     assert path.stat().st_size < 200_000
     kind = "uris" if case == "repeated-uri" else "images"
     done = subprocess.run(
@@ -184,37 +174,6 @@ def test_a_small_parquet_file_cannot_make_pyarrow_allocate_its_decompressed_size
 
 
 # ---------------------------------------------------------------- only regular files
-
-
-class Unblock:
-    """After `after` s, keeps opening a FIFO's write end so that a reader stuck on it returns; says if it had to.
-
-    A reader that opens the FIFO again after the first release is released again (every second).
-    """
-
-    def __init__(self, fifo, after: float = 10.0) -> None:
-        self.fired = False
-        self._fifo = str(fifo)
-        self._after = after
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        if self._done.wait(self._after):
-            return
-        self.fired = True
-        while not self._done.is_set():
-            with contextlib.suppress(OSError):  # ENXIO: no reader waits right now
-                os.close(os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK))
-            self._done.wait(1.0)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 @pytest.mark.parametrize(
@@ -444,27 +403,6 @@ def test_allow_roots_admits_only_uris_under_a_root(tmp_path, images):
         errors=[(u, u, reasons.UNREADABLE) for u in outside],
         messages={u: "outside --allow-roots" for u in outside},
     )
-
-
-class SlowFs(LocalFileSystem):
-    """`slowfs://BUCKET/...`: a bucket named `down-*` answers every open after DELAY s with an error.
-
-    Stands in for an unreachable gs:// bucket (the client retries for ~110 s); other buckets serve bytes.
-    """
-
-    DELAY = 1.0
-    opened: ClassVar[list[str]] = []
-
-    @classmethod
-    def scheme(cls) -> str:
-        return "slowfs"
-
-    def open(self, path, mime_type="application/octet-stream", compression_type="auto"):
-        SlowFs.opened.append(path)
-        if path.split("://", 1)[1].startswith("down-"):
-            time.sleep(self.DELAY)
-            raise OSError(f"{path}: connection timed out")
-        return io.BytesIO(b"bytes of " + path.encode())
 
 
 def test_listed_uris_are_read_concurrently_and_a_slowly_failing_bucket_fails_fast():

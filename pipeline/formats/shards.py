@@ -124,7 +124,7 @@ def empty_input_message(pattern: str, fmt: str, listed: list[str] | None = None)
         except Exception as exc:  # the message is a courtesy: never fail the row for it
             listed = []
             where = f"{where} (cannot list: {common.describe(exc)})"
-    names = [storage.safe_text(p) for p in listed]
+    names, where = [storage.safe_text(p) for p in listed], storage.safe_text(where)
     if not names:
         return f"no {fmt} shards match {storage.safe_text(pattern)!r}: nothing found under {where!r}"
     kinds = collections.Counter(_kind(n) for n in names).most_common()
