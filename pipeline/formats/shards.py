@@ -41,8 +41,8 @@ class MatchShardsFn(beam.DoFn):
     def __init__(self, root: str) -> None:
         self._root = root
 
-    def process(self, source: tuple[str, str]):
-        pattern, fmt = source
+    def process(self, source: tuple[str | bytes, str]):
+        pattern, fmt = from_wire(source[0]), source[1]  # a pattern that is not UTF-8 may arrive as bytes
         listed: list[str] = []  # every file seen under a directory, for the message when none is a shard
         try:
             found, broken = _match(pattern)
