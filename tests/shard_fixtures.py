@@ -7,15 +7,21 @@ are tested against what real tools write, not against our own encoders.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import pathlib
 import tarfile
+import threading
+import time
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from pipeline.sample import jpeg_bytes, photos, variant
 
@@ -185,3 +191,171 @@ def build_cross_format_corpus(root: pathlib.Path, images: dict[str, bytes]) -> d
         "parquet": [str(root / "parquet" / "*.parquet")],
         "urilist": [str(root / "urilist" / "list.csv")],
     }
+
+
+# ---------------------------------------------------------------- decompression bombs
+# Streamed to disk 1 MiB at a time: a bomb of any decompressed size costs no memory to build.
+# `level` 1 compresses zeros ~230x in a second per 256 MiB; 9 gives ~1000x at 4x the time.
+
+_ZEROS = b"\0" * (1 << 20)
+
+
+def _write_zeros(out, size: int, fill: bytes = _ZEROS) -> None:
+    left = size
+    while left:
+        n = min(left, len(fill))
+        out.write(fill[:n] if n < len(fill) else fill)
+        left -= n
+
+
+def write_tar_bomb(
+    path: pathlib.Path, size: int, *, name: str = "0000.jpg", after: list[tuple[str, bytes]] = (), level: int = 1
+):
+    """A gzip'd tar: one member `name` of `size` zero bytes, then `<key>.jpg` members for `after`."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        out.write(info.tobuf(tarfile.GNU_FORMAT))
+        _write_zeros(out, size + (-size % tarfile.BLOCKSIZE))
+        for key, data in after:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+def write_pax_bomb(path: pathlib.Path, size: int, *, after: list[tuple[str, bytes]] = (), level: int = 1):
+    """A gzip'd tar whose first header is a pax extended header claiming `size` bytes (zeros)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type = tarfile.XHDTYPE
+        info.size = size
+        out.write(info.tobuf(tarfile.USTAR_FORMAT))
+        _write_zeros(out, size + (-size % tarfile.BLOCKSIZE))
+        for key, data in after:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+def write_tfrecord_bomb(path: pathlib.Path, size: int, *, after: list[bytes] = (), level: int = 1):
+    """A gzip'd TFRecord: one well-formed record of `size` zero bytes, then the serialized examples `after`."""
+    import gzip
+    import struct
+
+    from google_crc32c import extend
+
+    from pipeline.formats.tfrecord import encode_frame, masked_crc32c
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crc, left = 0, size
+    while left:  # crc32c of the zeros, without holding them
+        n = min(left, len(_ZEROS))
+        crc = extend(crc, _ZEROS[:n])
+        left -= n
+    masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        length = struct.pack("<Q", size)
+        out.write(length + struct.pack("<I", masked_crc32c(length)))
+        _write_zeros(out, size)
+        out.write(struct.pack("<I", masked))
+        for example in after:
+            out.write(encode_frame(example))
+    return path
+
+
+def write_list_bomb(path: pathlib.Path, size: int, *, before: list[str] = (), after: list[str] = (), level: int = 1):
+    """A gzip'd text URI list: the lines `before`, one line of `size` bytes ('a'), the lines `after`."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as out:
+        out.write("".join(f"{line}\n" for line in before).encode())
+        _write_zeros(out, size, b"a" * (1 << 20))
+        out.write(b"\n" + "".join(f"{line}\n" for line in after).encode())
+    return path
+
+
+def write_parquet_bomb(path: pathlib.Path, case: str) -> pathlib.Path:
+    """A few-KB Parquet file (zstd) that describes far more than it holds.
+
+    `one-value`: one 64 MiB value of zeros; `repeated-value`: one 8 MiB dictionary value
+    used by 512 rows; `repeated-uri`: a URI list whose 20,000 rows share one 66,000-byte "URI".
+    """
+    if case == "one-value":
+        table = pa.table({"key": ["0"], "jpg": pa.array([bytes(64 << 20)], pa.binary())})
+    elif case == "repeated-value":
+        jpg = pa.DictionaryArray.from_arrays(pa.array([0] * 512, pa.int32()), pa.array([bytes(8 << 20)]))
+        table = pa.table({"key": [str(i) for i in range(512)], "jpg": jpg})
+    elif case == "repeated-uri":
+        uri = pa.DictionaryArray.from_arrays(pa.array([0] * 20_000, pa.int32()), pa.array(["a" * 66_000]))
+        table = pa.table({"uri": uri})
+    else:
+        raise ValueError(f"no such Parquet bomb: {case!r}")
+    # store_schema=False: the Arrow schema would say "dictionary", the file's own says binary/string
+    pq.write_table(table, path, compression="zstd", dictionary_pagesize_limit=1 << 30, store_schema=False)
+    return path
+
+
+# ---------------------------------------------------------------- special files and slow sources
+
+
+class Unblock:
+    """After `after` s, keeps opening a FIFO's write end so that a reader stuck on it returns; says if it had to.
+
+    A reader that opens the FIFO again after the first release is released again (every second).
+    """
+
+    def __init__(self, fifo, after: float = 10.0) -> None:
+        self.fired = False
+        self._fifo = str(fifo)
+        self._after = after
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if self._done.wait(self._after):
+            return
+        self.fired = True
+        while not self._done.is_set():
+            with contextlib.suppress(OSError):  # ENXIO: no reader waits right now
+                os.close(os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK))
+            self._done.wait(1.0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class SlowFs(LocalFileSystem):
+    """`slowfs://BUCKET/...`: a bucket named `down-*` answers every open after DELAY s with an error.
+
+    Stands in for an unreachable gs:// bucket (the client retries for ~110 s); other buckets serve bytes.
+    """
+
+    DELAY = 1.0
+    opened: ClassVar[list[str]] = []
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "slowfs"
+
+    def open(self, path, mime_type="application/octet-stream", compression_type="auto"):
+        SlowFs.opened.append(path)
+        if path.split("://", 1)[1].startswith("down-"):
+            time.sleep(self.DELAY)
+            raise OSError(f"{path}: connection timed out")
+        return io.BytesIO(b"bytes of " + path.encode())

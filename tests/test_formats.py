@@ -243,7 +243,7 @@ def test_unreadable_and_missing_shards_are_error_rows_and_are_counted(tmp_path, 
         errors=[
             ("junk.tar#offset=0", f"{junk}#offset=0", TRUNCATED_SHARD),
             ("missing.tar", str(missing), reasons.UNREADABLE),
-            ("nothing/*.tar", f"{tmp_path}/nothing/*.tar", reasons.UNREADABLE),
+            ("nothing/*.tar", f"{tmp_path}/nothing/*.tar", reasons.EMPTY_INPUT),
         ],
         messages={"junk.tar#offset=0": "not a readable tar", "nothing/*.tar": "no tar shards match"},
     )

@@ -1,9 +1,15 @@
 """Parquet shards with the image bytes in a column (img2dataset's layout: `key`, `jpg`).
 
-Read one row group at a time in small record batches, through a buffered
-stream, so memory holds a batch of images and a read buffer, never the shard or
-a whole column chunk. A row group that fails to read becomes one error row for
-its rows and the next row group is still read.
+Read one row group at a time in small record batches, so memory holds a batch of
+images and the row group's pages, never the whole shard. A row group that fails to
+read becomes one error row for its rows and the next row group is still read.
+
+A small Parquet file can describe gigabytes: a page of compressed zeros, or one
+dictionary value repeated by every row. pyarrow materialises what it decodes, so
+before a row group is decoded its footer sizes are checked (`row_group_problem`),
+binary columns are read as dictionaries (a repeated value is held once, and its
+size is known before it is copied out), and the bytes one row group hands out are
+bounded the same way. Such a row group is one `too_large` row that says so.
 """
 
 from __future__ import annotations
@@ -11,14 +17,94 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
-from pipeline import reasons
+from pipeline import reasons, storage
 from pipeline.formats import common
 from pipeline.records import SourceImage
 
 BATCH_ROWS = 16  # images per record batch: a few MB for typical photos
+# A row group may decompress to at most the larger of FLOOR and RATIO times its size on disk
+# (measured: pyarrow holds 2-3x what it decompresses). Photos (JPEG, PNG, WebP) barely
+# compress, so real row groups of any size pass the ratio; a few KB that would become
+# gigabytes do not.
+ROW_GROUP_FLOOR = 16 * 1024 * 1024
+MAX_RATIO = 32
+MAX_ID_BYTES = 4096  # an id longer than this is not an id
+
+
+def row_group_problem(
+    metadata: pq.FileMetaData, group: int, columns: list[str], *, floor: int = ROW_GROUP_FLOOR, ratio: int = MAX_RATIO
+) -> str | None:
+    """Why a row group must not be decoded (it would decompress far beyond its size on disk), or None.
+
+    Read from the footer, before any page is: the sizes of the column chunks of `columns`.
+    """
+    meta = metadata.row_group(group)
+    chunks = [meta.column(i) for i in range(meta.num_columns)]
+    chunks = [c for c in chunks if c.path_in_schema.split(".", 1)[0] in columns]
+    packed = sum(c.total_compressed_size for c in chunks)
+    unpacked = sum(c.total_uncompressed_size for c in chunks)
+    limit = decompression_budget(packed, floor=floor, ratio=ratio)
+    if unpacked <= limit:
+        return None
+    return (
+        f"row group {group} ({meta.num_rows} rows) would decompress to {unpacked:,} bytes from {packed:,} on disk, "
+        f"over the limit of {limit:,} (the larger of {floor:,} and {ratio}x its size): not read"
+    )
+
+
+def decompression_budget(packed: int, *, floor: int = ROW_GROUP_FLOOR, ratio: int = MAX_RATIO) -> int:
+    """The most bytes a row group of `packed` bytes on disk may turn into."""
+    return max(floor, ratio * packed)
+
+
+def packed_size(metadata: pq.FileMetaData, group: int, columns: list[str]) -> int:
+    """Bytes on disk of the column chunks of `columns` in one row group."""
+    meta = metadata.row_group(group)
+    chunks = (meta.column(i) for i in range(meta.num_columns))
+    return sum(c.total_compressed_size for c in chunks if c.path_in_schema.split(".", 1)[0] in columns)
+
+
+class ColumnValues:
+    """One column of a record batch, read row by row without materialising repeats.
+
+    A dictionary column (binary columns are read as dictionaries) keeps each distinct
+    value once; `size(i)` says how many bytes row i holds before `get(i)` copies them.
+    """
+
+    def __init__(self, array: pa.Array) -> None:
+        if pa.types.is_dictionary(array.type):
+            self._values, self._index = array.dictionary, array.indices.to_pylist()
+        else:
+            self._values, self._index = array, None
+        self._sizes = pc.binary_length(self._values).to_pylist() if _holds_bytes(self._values.type) else None
+
+    def _at(self, row: int) -> int | None:
+        return self._index[row] if self._index is not None else row
+
+    def size(self, row: int) -> int | None:
+        """Bytes of row `row` (None where it is null; 0 for a column that is not binary or text)."""
+        at = self._at(row)
+        if at is None:
+            return None
+        return self._sizes[at] if self._sizes is not None else 0
+
+    def get(self, row: int):
+        """The Python value of row `row`."""
+        at = self._at(row)
+        return None if at is None else self._values[at].as_py()
+
+
+def binary_columns(schema: pa.Schema, names: list[str]) -> list[str]:
+    """The columns among `names` that hold bytes or text: the ones to read as dictionaries."""
+    return [name for name in names if _holds_bytes(schema.field(name).type)]
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    tests = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string)
+    return any(test(kind) for test in tests)
 
 
 def read_parquet(
@@ -35,20 +121,26 @@ def read_parquet(
     The id is `id_column` (as text); a shard without that column, or a row where
     it is null or empty, gets `rel#row=N` (N counts from 0 over the whole file).
     """
+    shown, rel = storage.safe_text(path), storage.safe_text(rel)
     try:
-        handle = FileSystems.open(path, compression_type="uncompressed")
+        handle = storage.open_regular(path)
     except Exception as exc:
-        yield common.record_error(rel, path, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
+        yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
         return
+    path = shown  # from here on the path is only written into uris
     with handle:
         try:
-            shard = pq.ParquetFile(handle)
+            footer = pq.ParquetFile(handle)
+            schema = footer.schema_arrow
+            columns = [image_column] + ([id_column] if id_column in schema.names else [])
+            wanted = binary_columns(schema, [c for c in columns if c in schema.names])
+            shard = pq.ParquetFile(handle, metadata=footer.metadata, read_dictionary=wanted)
         except Exception as exc:  # no footer: truncated, or not Parquet at all
             yield common.shard_error(
                 rel, path, "row=0", common.TRUNCATED_SHARD, f"not a readable Parquet file: {common.describe(exc)}"
             )
             return
-        names = shard.schema_arrow.names
+        names = schema.names
         if image_column not in names:
             yield common.record_error(
                 rel,
@@ -58,44 +150,88 @@ def read_parquet(
                 "name it with --parquet-image-column",
             )
             return
-        kind = shard.schema_arrow.field(image_column).type
+        kind = schema.field(image_column).type
         if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)):
             yield common.record_error(
                 rel, path, reasons.UNREADABLE, f"image column {image_column!r} holds {kind}, not binary image bytes"
             )
             return
-        columns = [image_column] + ([id_column] if id_column in names else [])
         first = 0
         for group in range(shard.metadata.num_row_groups):
             rows = shard.metadata.row_group(group).num_rows
-            done = 0
-            try:
-                for batch in shard.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
-                    images = batch.column(image_column).to_pylist()
-                    ids = batch.column(id_column).to_pylist() if id_column in names else [None] * len(images)
-                    for offset, (key, data) in enumerate(zip(ids, images)):
-                        yield _row(path, rel, first + done + offset, key, data, max_bytes)
-                    done += batch.num_rows
-            except Exception as exc:
-                lost = rows - done
-                yield common.shard_error(
-                    rel,
-                    path,
-                    f"row={first + done}",
-                    common.TRUNCATED_SHARD,
-                    f"row group {group} unreadable after {done} of its {rows} rows: {common.describe(exc)}; "
-                    f"rows {first + done}..{first + rows - 1} ({lost}) lost, the next row group is still read",
-                )
+            yield from _read_group(shard, group, first, rows, path, rel, image_column, columns, max_bytes, batch_rows)
             first += rows
 
 
-def _row(path: str, rel: str, row: int, key, data: bytes | None, max_bytes: int) -> SourceImage | dict:
+def _read_group(shard, group, first, rows, path, rel, image_column, columns, max_bytes, batch_rows):
+    """The rows of one row group, or the rows it could hand out and one row for the rest."""
+    problem = row_group_problem(shard.metadata, group, columns)
+    if problem:
+        yield _lost(path, rel, first, rows, reasons.TOO_LARGE, problem)
+        return
+    budget = decompression_budget(packed_size(shard.metadata, group, columns))
+    done = handed = 0
+    try:
+        for batch in shard.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+            images = ColumnValues(batch.column(image_column))
+            ids = ColumnValues(batch.column(columns[1])) if len(columns) > 1 else None
+            for i in range(batch.num_rows):
+                size = images.size(i) or 0
+                if size <= max_bytes:
+                    handed += size
+                if handed > budget:  # one stored value repeated row after row
+                    yield _lost(
+                        path,
+                        rel,
+                        first + done,
+                        rows - done,
+                        reasons.TOO_LARGE,
+                        f"row group {group} repeats its values: its rows would hand out over {budget:,} bytes "
+                        f"of images (the larger of {ROW_GROUP_FLOOR:,} and {MAX_RATIO}x its size on disk)",
+                    )
+                    return
+                yield _row(path, rel, first + done, ids, images, i, max_bytes)
+                done += 1
+    except Exception as exc:
+        yield _lost(
+            path,
+            rel,
+            first + done,
+            rows - done,
+            common.TRUNCATED_SHARD,
+            f"row group {group} unreadable after {done} of its {rows} rows: {common.describe(exc)}",
+        )
+
+
+def _lost(path: str, rel: str, at: int, count: int, reason: str, why: str) -> dict:
+    """One row for the `count` rows of a row group from row `at` on, which are not read."""
+    return common.shard_error(
+        rel,
+        path,
+        f"row={at}",
+        reason,
+        f"{why}; rows {at}..{at + count - 1} ({count}) lost, the next row group is still read",
+    )
+
+
+def _row(
+    path: str, rel: str, row: int, ids: ColumnValues | None, images: ColumnValues, i: int, max_bytes: int
+) -> SourceImage | dict:
     uri = f"{path}#row={row}"
+    fallback = f"{rel}#row={row}"
+    key = None
+    if ids is not None:
+        if (ids.size(i) or 0) > MAX_ID_BYTES:
+            return common.record_error(
+                fallback, uri, reasons.UNREADABLE, f"the id column holds {ids.size(i):,} bytes (over {MAX_ID_BYTES:,})"
+            )
+        key = ids.get(i)
     if isinstance(key, bytes):
         key = key.decode("utf-8", errors="replace")
-    rid = str(key) if key is not None and str(key) != "" else f"{rel}#row={row}"
-    if not data:
+    rid = storage.safe_text(str(key)) if key is not None and str(key) != "" else fallback
+    size = images.size(i)
+    if not size:
         return common.record_error(rid, uri, reasons.EMPTY_FILE, "the image column is null or empty in this row")
-    if len(data) > max_bytes:
-        return common.record_error(rid, uri, reasons.TOO_LARGE, common.too_large_message(len(data), max_bytes))
-    return SourceImage(rid, uri, data)
+    if size > max_bytes:
+        return common.record_error(rid, uri, reasons.TOO_LARGE, common.too_large_message(size, max_bytes))
+    return SourceImage(rid, uri, images.get(i))

@@ -16,10 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
-from pipeline import reasons
+from pipeline import reasons, storage
 from pipeline.formats import common
 from pipeline.formats.example_proto import parse_example
 from pipeline.records import SourceImage
@@ -47,13 +44,29 @@ def encode_frame(data: bytes) -> bytes:
     return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
 
 
-def _sniff_compression(path: str) -> str:
+def _sniff_compression(head: bytes) -> str:
     """'gzip' or 'none' from the first bytes: a valid uncompressed frame header wins over gzip magic."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        head = common.read_exact(handle, _HEADER)
     if len(head) == _HEADER and struct.unpack("<I", head[8:])[0] == masked_crc32c(head[:8]):
         return "none"
     return "gzip" if head[:2] == b"\x1f\x8b" else "none"
+
+
+def _open(path: str, compression: str):
+    """(a stream of the uncompressed frames, the file handle, the compression) of a shard.
+
+    Only regular files are opened. gzip goes through `storage.decompressed`, which
+    inflates no more than each read asks for: a record skipped for its size costs
+    decompression time, never its size in memory.
+    """
+    if compression == "auto":
+        with storage.open_regular(path) as handle:
+            compression = _sniff_compression(common.read_exact(handle, _HEADER))
+    raw = storage.open_regular(path)
+    try:
+        return (storage.decompressed(raw, "gzip")[0] if compression == "gzip" else raw), raw, compression
+    except BaseException:
+        raw.close()
+        raise
 
 
 def read_tfrecord(
@@ -75,18 +88,16 @@ def read_tfrecord(
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"tfrecord compression must be one of {COMPRESSIONS}; got {compression!r}")
+    shown, rel = storage.safe_text(path), storage.safe_text(rel)
     try:
-        if compression == "auto":
-            compression = _sniff_compression(path)
-        handle = FileSystems.open(
-            path, compression_type=CompressionTypes.GZIP if compression == "gzip" else CompressionTypes.UNCOMPRESSED
-        )
+        handle, raw, compression = _open(path, compression)
     except Exception as exc:
-        yield common.record_error(rel, path, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
+        yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
         return
+    path = shown  # from here on the path is only written into uris
     wanted = frozenset((key_feature, image_feature))
     index = offset = 0
-    with handle:
+    with raw, handle:
         try:
             while True:
                 header = common.read_exact(handle, _HEADER)
