@@ -28,12 +28,10 @@ import os
 
 import apache_beam as beam
 
-from pipeline import storage
 from pipeline.formats import FORMATS, META_FORMATS, detect_format
 from pipeline.formats.files import ListFilesFn, ReadFileFn, is_glob, is_image_path, relative_id, resolve_input
-from pipeline.formats.shards import CountFn, MatchShardsFn, ReadShardFn, ReadUriFn
+from pipeline.formats.shards import CountFn, MatchShardsFn, ReadShardFn, ReadUriFn, to_wire
 from pipeline.formats.tfrecord import COMPRESSIONS
-from pipeline.records import SourceImage
 from pipeline.reuse import SkipUnchangedFn
 
 __all__ = [
@@ -244,49 +242,6 @@ def input_spec_from_args(args: argparse.Namespace) -> InputSpec:
     )
 
 
-def _text(path: str) -> bytes:
-    # Lossless for any str, lone surrogates included (an undecodable name from the OS);
-    # bytes cross every coder, and a tuple of bytes is a deterministic Distinct key.
-    return path.encode("utf-8", "surrogatepass")
-
-
-def _escaped(out):
-    """A shard DoFn's output with its ids and uris as valid text (storage.safe_text): the writers need UTF-8."""
-    if isinstance(out, beam.pvalue.TaggedOutput):
-        if out.tag == "errors":
-            row = dict(out.value, id=storage.safe_text(out.value["id"]), uri=storage.safe_text(out.value["uri"]))
-            return beam.pvalue.TaggedOutput("errors", dict(row, message=storage.safe_text(row["message"])))
-        return out
-    if isinstance(out, SourceImage):
-        return dataclasses.replace(out, id=storage.safe_text(out.id), uri=storage.safe_text(out.uri))
-    return out
-
-
-class _MatchSourceFn(MatchShardsFn):
-    """index of a (pattern, format) -> (shard path as UTF-8 bytes, format), or error rows.
-
-    The sources stay in the DoFn and paths travel as bytes, so that a shard name that is
-    not UTF-8 crosses beam.Create, Distinct and the reshuffle intact.
-    """
-
-    def __init__(self, root: str, sources: list[tuple[str, str]]) -> None:
-        super().__init__(root)
-        self._sources = list(sources)
-
-    def process(self, index: int):
-        for out in super().process(self._sources[index]):
-            yield _escaped(out) if isinstance(out, beam.pvalue.TaggedOutput) else (_text(out[0]), out[1])
-
-
-class _ReadShardBytesFn(ReadShardFn):
-    """(shard path as bytes, format) -> ReadShardFn's outputs, with ids and uris as valid text."""
-
-    def process(self, shard: tuple[bytes, str]):
-        path, fmt = shard
-        for out in super().process((path.decode("utf-8", "surrogatepass"), fmt)):
-            yield _escaped(out)
-
-
 class ReadImages(beam.PTransform):
     """An input spec -> SourceImage ("images") + read error rows ("errors").
 
@@ -342,9 +297,9 @@ class ReadImages(beam.PTransform):
         if shard_sources:
             matched = (
                 pbegin
-                | "ShardPatterns" >> beam.Create(list(range(len(shard_sources))))
-                | "MatchShards"
-                >> beam.ParDo(_MatchSourceFn(self._root, shard_sources)).with_outputs("errors", main="shards")
+                # A path that is not UTF-8 crosses Beam's coders as bytes (shards.to_wire).
+                | "ShardPatterns" >> beam.Create([(to_wire(path), fmt) for path, fmt in shard_sources])
+                | "MatchShards" >> beam.ParDo(MatchShardsFn(self._root)).with_outputs("errors", main="shards")
             )
             shards = (
                 matched.shards
@@ -352,7 +307,7 @@ class ReadImages(beam.PTransform):
                 | "DistinctShards" >> beam.Distinct()
                 | "SpreadShards" >> beam.Reshuffle()
                 | "ReadShards"
-                >> beam.ParDo(_ReadShardBytesFn(self._spec, self._root, self._max_bytes)).with_outputs(
+                >> beam.ParDo(ReadShardFn(self._spec, self._root, self._max_bytes)).with_outputs(
                     "errors", "uris", main="images"
                 )
             )
