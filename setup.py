@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "faiss-cpu>=1.8",
     "h5py>=3.10",  # Keras' .h5 weights files
     "matplotlib>=3.7",  # the nightly report's plots (Agg, no display)
+    "rich>=13",  # the progress bar
 ]
 
 EXTRAS_REQUIRE = {

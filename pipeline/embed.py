@@ -14,7 +14,6 @@ import concurrent.futures
 import datetime
 import logging
 import os
-import threading
 import time
 
 import apache_beam as beam
@@ -71,29 +70,6 @@ def load_model(cfg: ModelConfig, batch_size: int, *, intra_op_threads: int = 0, 
     return _MODELS.acquire(build, tag=tag)
 
 
-class _Progress:
-    """Logs images done and img/s for this process at most every `every` seconds."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self.start = time.perf_counter()
-        self.last = self.start
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            now = time.perf_counter()
-            if now - self.last >= self.every:
-                self.last = now
-                rate = self.done / (now - self.start)
-                log.warning(
-                    "embedpipe progress: %d images embedded by process %d, %.1f img/s", self.done, os.getpid(), rate
-                )
-
-
 class _EmbedFn(beam.DoFn):
     def __init__(
         self,
@@ -104,7 +80,6 @@ class _EmbedFn(beam.DoFn):
         intra_op_threads: int = 0,
         require_gpu: bool = False,
         prefetch: bool = True,
-        progress_seconds: float = 10.0,
     ) -> None:
         self._cfg = cfg
         self._batch_size = batch_size
@@ -112,7 +87,6 @@ class _EmbedFn(beam.DoFn):
         self._threads = intra_op_threads
         self._require_gpu = require_gpu
         self._prefetch = prefetch
-        self._progress_seconds = progress_seconds
         self._embedded = Metrics.counter("embedpipe", "images_embedded")
         self._failed = Metrics.counter("embedpipe", "images_failed_embed")
         self._batch_ms = Metrics.distribution("embedpipe", "batch_inference_ms")
@@ -128,7 +102,6 @@ class _EmbedFn(beam.DoFn):
             configure_tensorflow(intra_op_threads=self._threads, require_gpu=True)
         self._fingerprint = self._cfg.fingerprint()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-infer")
-        self._progress = _Progress(self._progress_seconds)
 
     def _model(self):
         if self._holder is None:
@@ -170,14 +143,13 @@ class _EmbedFn(beam.DoFn):
         return rows, int((time.perf_counter() - start) * 1000)
 
     def _account(self, result: tuple[list, int]) -> list:
-        """On the bundle thread: update metrics and progress for a finished batch."""
+        """On the bundle thread: update metrics for a finished batch."""
         rows, ms = result
         if ms < 0:
             self._failed.inc(len(rows))
         else:
             self._batch_ms.update(ms)
             self._embedded.inc(len(rows))
-            self._progress.add(len(rows))
         return rows
 
     def _collect(self) -> list:
@@ -229,7 +201,6 @@ class EmbedImages(beam.PTransform):
         intra_op_threads: int = 0,
         require_gpu: bool = False,
         prefetch: bool = True,
-        progress_seconds: float = 10.0,
     ) -> None:
         super().__init__()
         self._fn = _EmbedFn(
@@ -239,7 +210,6 @@ class EmbedImages(beam.PTransform):
             intra_op_threads=intra_op_threads,
             require_gpu=require_gpu,
             prefetch=prefetch,
-            progress_seconds=progress_seconds,
         )
 
     def expand(self, images):

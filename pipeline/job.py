@@ -21,6 +21,7 @@ import datetime
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 
@@ -36,6 +37,8 @@ from pipeline.decode import DecodeImages
 from pipeline.dedup import DedupIds
 from pipeline.embed import EmbedImages
 from pipeline.ownership import claim, is_embed_output, remove_tree, staging_name, sweep_staging
+from pipeline.progress import Monitor, Tick, metrics_counts, read_channel
+from pipeline.progress import channel as progress_dir
 from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
 from pipeline.records import embeddings_schema
 from pipeline.reuse import PreviousKeys, ReuseUnchanged
@@ -106,6 +109,7 @@ def build_embed_pipeline(
     previous_files: list[str] | None = None,
     verify_content: bool = False,
     accelerator: str | None = None,
+    progress_channel: str | None = None,
 ) -> beam.Pipeline:
     """The pipeline (not yet run): read -> decode -> embed -> Parquet, with every error kept.
 
@@ -124,8 +128,10 @@ def build_embed_pipeline(
     if previous_files is not None:
         previous = p | "PreviousKeys" >> PreviousKeys(previous_files)
     markers = previous["markers"] if previous is not None and not verify_content else None
-    read = p | "ReadImages" >> ReadImages(cfg.input, max_bytes=cfg.max_bytes, previous_markers=markers)
-    images, reused = read["images"], None
+    read = p | "ReadImages" >> ReadImages(
+        cfg.input, max_bytes=cfg.max_bytes, previous_markers=markers, progress=progress_channel
+    )
+    images, reused = read["images"] | "CountSeen" >> Tick("seen", progress_channel), None
     if previous is not None:
         split = images | "ReuseUnchanged" >> ReuseUnchanged(
             previous_files, schema.names, previous_shas=previous["shas"], unchanged=read.get("unchanged")
@@ -148,7 +154,6 @@ def build_embed_pipeline(
         embedded_at=embedded_at,
         intra_op_threads=cfg.intra_op_threads,
         require_gpu=require_gpu,
-        progress_seconds=cfg.progress_seconds,
     )
     if cfg.decode_stage == "separate":
         shuffled = (
@@ -166,6 +171,9 @@ def build_embed_pipeline(
     if reused is not None:
         rows = (rows, reused) | "WithReused" >> beam.Flatten()
     errors = (read["errors"], decoded.errors, embedded.errors) | "AllErrors" >> beam.Flatten()
+    # Every image ends as one of these rows: counted as done as it is made (before any grouping).
+    rows = rows | "CountDone" >> Tick("done", progress_channel)
+    errors = errors | "CountFailed" >> Tick("done", progress_channel)
     if ids_may_repeat(cfg.input):
         # Every image ends as exactly one row (embedded or error), so grouping the
         # small rows by id sees every copy; image bytes are never shuffled.
@@ -421,20 +429,29 @@ def _run_and_count(
     """Run the pipeline into `staging` and return the manifest; CountsMismatchError if rows go missing."""
     out = cfg.output.rstrip("/")
     start = time.perf_counter()
-    p = build_embed_pipeline(
-        cfg,
-        options,
-        embeddings_dir=f"{staging}/embeddings",
-        errors_dir=f"{staging}/errors",
-        embedded_at=embedded_at,
-        require_gpu=require_gpu,
-        previous_files=previous_files,
-        verify_content=verify_content,
-        accelerator=accelerator,
-    )
-    log.info("embedpipe: running on %s (%d worker process(es))", options.view_as(StandardOptions).runner, workers)
-    result = p.run()
-    result.wait_until_finish()
+    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    with progress_dir(tempfile.gettempdir() if local else None) as channel:
+        p = build_embed_pipeline(
+            cfg,
+            options,
+            embeddings_dir=f"{staging}/embeddings",
+            errors_dir=f"{staging}/errors",
+            embedded_at=embedded_at,
+            require_gpu=require_gpu,
+            previous_files=previous_files,
+            verify_content=verify_content,
+            accelerator=accelerator,
+            progress_channel=channel,
+        )
+        log.info("embedpipe: running on %s (%d worker process(es))", options.view_as(StandardOptions).runner, workers)
+        if local:  # FnApiRunner runs the whole pipeline inside run(): the monitor watches the channel meanwhile
+            with Monitor(lambda: read_channel(channel), every=cfg.progress_seconds):
+                result = p.run()
+                result.wait_until_finish()
+        else:  # a remote job: run() returns at once, its metrics say how far it is while we wait
+            result = p.run()
+            with Monitor(lambda: metrics_counts(result), every=cfg.progress_seconds):
+                result.wait_until_finish()
     wall = time.perf_counter() - start
 
     rows = count_rows(f"{staging}/embeddings")

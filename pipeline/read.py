@@ -32,6 +32,7 @@ from pipeline.formats import FORMATS, META_FORMATS, detect_format
 from pipeline.formats.files import ListFilesFn, ReadFileFn, is_glob, is_image_path, relative_id, resolve_input
 from pipeline.formats.shards import CountFn, MatchShardsFn, ReadShardFn, ReadUriFn, to_wire
 from pipeline.formats.tfrecord import COMPRESSIONS
+from pipeline.progress import Tick
 from pipeline.reuse import SkipUnchangedFn
 
 __all__ = [
@@ -258,13 +259,20 @@ class ReadImages(beam.PTransform):
     """
 
     def __init__(
-        self, spec: str | InputSpec, *, max_bytes: int, previous_markers: beam.PCollection | None = None
+        self,
+        spec: str | InputSpec,
+        *,
+        max_bytes: int,
+        previous_markers: beam.PCollection | None = None,
+        progress: str | None = None,
     ) -> None:
+        """progress: the job's progress channel (pipeline/progress.py); listed files are counted there."""
         super().__init__()
         self._spec = InputSpec.of(spec)
         self._root = self._spec.root()
         self._max_bytes = max_bytes
         self._previous_markers = previous_markers
+        self._progress = progress
 
     def expand(self, pbegin):
         sources = self._spec.sources()
@@ -278,7 +286,8 @@ class ReadImages(beam.PTransform):
                 | "InputPattern" >> beam.Create(list(range(len(file_patterns))))
                 | "ListFiles" >> beam.ParDo(ListFilesFn(self._root, file_patterns)).with_outputs("errors", main="files")
             )
-            files = listed.files
+            # The listing is the job's total, known before any image is read.
+            files = listed.files | "CountListed" >> Tick("listed", self._progress)
             if self._previous_markers is not None:
                 # Before the reshuffle and the read: an unchanged file costs one listing entry, no I/O.
                 skipped = files | "SkipUnchangedFiles" >> beam.ParDo(

@@ -94,7 +94,7 @@ def test_duplicate_ids_within_and_across_shards_through_the_real_stages(tmp_path
         read = p | "ReadImages" >> ReadImages(spec, max_bytes=10_000_000)
         decoded = read["images"] | "DecodeImages" >> DecodeImages(size=32, max_pixels=10_000_000)
         embedded = decoded.decoded | "EmbedImages" >> EmbedImages(
-            ModelConfig(weights="random", image_size=32), batch_size=4, embedded_at=NOW, progress_seconds=60
+            ModelConfig(weights="random", image_size=32), batch_size=4, embedded_at=NOW
         )
         errors = (read["errors"], decoded.errors, embedded.errors) | "AllErrors" >> beam.Flatten()
         kept = (embedded.embeddings, errors) | "DedupIds" >> DedupIds()
