@@ -21,6 +21,7 @@ from pipeline.config import (
     ModelConfig,
 )
 from pipeline.options import UsageError, check_beam_args
+from pipeline.quiet import silence_by_default
 
 log = logging.getLogger("embedpipe")
 
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"embedpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    silence_by_default(args.verbose)  # before anything imports TensorFlow (local workers inherit it)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

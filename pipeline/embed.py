@@ -52,9 +52,11 @@ class _ModelHolder:
 def load_model(cfg: ModelConfig, batch_size: int, *, intra_op_threads: int = 0, require_gpu: bool = False):
     """The compiled model for this process, built on first use and cached."""
     from pipeline.model import CompiledModel, configure_tensorflow
+    from pipeline.quiet import import_tensorflow
 
     def build():
         start = time.perf_counter()
+        import_tensorflow()  # before anything else imports it: its start-up noise stays off the log
         configure_tensorflow(intra_op_threads=intra_op_threads, require_gpu=require_gpu)
         holder = _ModelHolder(CompiledModel(cfg, batch_size))
         log.info(

@@ -95,6 +95,9 @@ def ensure_weights_available(cfg: ModelConfig) -> None:
     if cfg.weights != "imagenet":
         _local_weights_path(cfg.weights)
         return
+    from pipeline.quiet import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     try:
