@@ -46,9 +46,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.index.build import ExactNeighbours, build_index
-from pipeline.index.io import iter_batches, scan_dataset, write_json
+from pipeline.index.io import iter_batches, scan_dataset
 from pipeline.index.loading import drop_precomputed_table
 from pipeline.records import embeddings_schema
+from pipeline.storage import write_json_atomic as write_json
 
 TYPES = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw")
 MODEL = "bench/synthetic-clustered"

@@ -18,58 +18,36 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import json
 import logging
-import os
 import tempfile
 import time
-import uuid
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import reasons, transport
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, EmbedConfig
 from pipeline.decode import DecodeImages
 from pipeline.dedup import DedupIds
 from pipeline.embed import EmbedImages
-from pipeline.ownership import claim, is_embed_output, remove_tree, staging_name, sweep_staging
+from pipeline.ownership import claim, is_embed_output, staging_name, sweep_staging
 from pipeline.progress import Monitor, Tick, metrics_counts, read_channel
 from pipeline.progress import channel as progress_dir
 from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
 from pipeline.records import embeddings_schema
 from pipeline.reuse import PreviousKeys, ReuseUnchanged
+from pipeline.runner import LOCAL_RUNNER, pipeline_options, runs_locally
+from pipeline.storage import parquet_files, remove_tree, replace_parquet_files, write_json_atomic
 from pipeline.topology import InferenceStage, accelerator_hint, hints_of
 from pipeline.write import WriteEmbeddings, WriteErrors
 
 log = logging.getLogger(__name__)
 
-LOCAL_RUNNER = "FnApiRunner"
-LOCAL_RUNNERS = (LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner")
-
-
 class CountsMismatchError(RuntimeError):
     """The output does not account for every input image."""
-
-
-def pipeline_options(beam_args: list[str], *, workers: int = 1) -> PipelineOptions:
-    """Beam options from pass-through args, with an offline-safe local default.
-
-    Without --runner we use the FnApiRunner directly: DirectRunner would first try
-    the Prism runner, which downloads a binary from the internet.
-    """
-    options = PipelineOptions(beam_args)
-    std = options.view_as(StandardOptions)
-    if not std.runner:
-        std.runner = LOCAL_RUNNER
-    direct = options.view_as(DirectOptions)
-    if workers > 1 and std.runner in LOCAL_RUNNERS:
-        direct.direct_num_workers = workers
-        direct.direct_running_mode = "multi_processing"
-    return options
 
 
 def embed_options(cfg: EmbedConfig, beam_args: list[str], *, workers: int) -> tuple[PipelineOptions, str | None]:
@@ -242,16 +220,6 @@ def plan_embed(
     }
 
 
-def parquet_files(directory: str) -> list[str]:
-    """Sorted Parquet files directly under a directory (any Beam filesystem)."""
-    pattern = f"{directory.rstrip('/')}/*.parquet"
-    try:
-        found = FileSystems.match([pattern])[0].metadata_list
-    except Exception:  # Beam raises when nothing matches on some filesystems
-        return []
-    return sorted(m.path for m in found)
-
-
 def count_rows(directory: str) -> int:
     """Rows in all Parquet files of a directory, from the footers only."""
     total = 0
@@ -302,37 +270,6 @@ def _counter(result, name: str) -> int | None:
     return int(sum(v for v in values if v is not None))
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to a temp name beside `path`, then rename it into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(tmp) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-    # rename replaces the old file in one step (os.rename locally; an object copy
-    # on gs://), so a reader sees the old content or the new, never none.
-    FileSystems.rename([tmp], [path])
-
-
-def _mkdirs(path: str) -> None:
-    try:
-        FileSystems.mkdirs(path)
-    except OSError:
-        pass  # exists (local) / not needed (object stores)
-    except Exception as exc:  # Beam wraps "already exists" in BeamIOError
-        if "exist" not in str(exc).lower():
-            raise
-
-
-def _move_dir(src: str, dst: str) -> None:
-    """Replace the Parquet files of dst with those of src."""
-    old = parquet_files(dst)
-    if old:
-        FileSystems.delete(old)
-    _mkdirs(dst)
-    files = parquet_files(src)
-    if files:
-        FileSystems.rename(files, [f"{dst.rstrip('/')}/{os.path.basename(f)}" for f in files])
-
-
 def _manifest(cfg: EmbedConfig, out: str, counts: dict, **fields) -> dict:
     """The manifest of a finished run (everything but the pipeline's own figures comes from cfg)."""
     return {
@@ -379,12 +316,12 @@ def run_embed(
     """
     out = cfg.output.rstrip("/")
     options, accelerator = embed_options(cfg, list(beam_args or []), workers=workers)
-    if preflight and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+    if preflight and runs_locally(options):
         # Local workers share this machine's Keras cache: fetch (or fail) once, up front.
         from pipeline.model import ensure_weights_available
 
         ensure_weights_available(cfg.model)
-    if cfg.decode == "gpu" and options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+    if cfg.decode == "gpu" and runs_locally(options):
         from pipeline.decode import gpu_decoding
 
         gpu_decoding("gpu")  # the workers are this machine: say now, in one line, if it cannot
@@ -408,8 +345,8 @@ def run_embed(
         )
         if FileSystems.exists(f"{out}/manifest.json"):
             FileSystems.delete([f"{out}/manifest.json"])  # the output is in flux until it is back
-        _move_dir(f"{staging}/embeddings", f"{out}/embeddings")
-        _move_dir(f"{staging}/errors", f"{out}/errors")
+        replace_parquet_files(f"{staging}/embeddings", f"{out}/embeddings")
+        replace_parquet_files(f"{staging}/errors", f"{out}/errors")
     except CountsMismatchError:
         raise  # its staged output is kept for inspection, and the message says where
     except BaseException:
@@ -429,7 +366,7 @@ def _run_and_count(
     """Run the pipeline into `staging` and return the manifest; CountsMismatchError if rows go missing."""
     out = cfg.output.rstrip("/")
     start = time.perf_counter()
-    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    local = runs_locally(options)
     with progress_dir(tempfile.gettempdir() if local else None) as channel:
         p = build_embed_pipeline(
             cfg,

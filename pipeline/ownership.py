@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.storage import is_local, read_bounded, safe_text
+from pipeline.storage import is_local, read_bounded, remove_tree, safe_text, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +110,7 @@ def claim(
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **fields,
     }
-    _write_json(f"{folder}/{MARKER_NAME}", payload)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    if is_local(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(tmp) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-    FileSystems.rename([tmp], [path])
-
-
-def remove_tree(path: str) -> None:
-    """Delete a folder and everything under it (a prefix on object stores), if it exists."""
-    if "://" in path:
-        FileSystems.delete([path.rstrip("/") + "/"])  # a trailing slash deletes the whole prefix
-    elif os.path.exists(path):
-        FileSystems.delete([path])
+    write_json_atomic(f"{folder}/{MARKER_NAME}", payload)
 
 
 def staging_name(started: datetime.datetime) -> str:

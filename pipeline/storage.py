@@ -18,6 +18,9 @@ rules hold everywhere:
 - **Names are text.** `safe_text` turns a name that is not valid UTF-8 (Python
   keeps the undecodable bytes as lone surrogates) into printable text with
   `\\xNN` escapes, the form ids and uris take in every record and output file.
+
+The project's own files go through here too: atomic writes (temporary name, then a rename),
+Parquet listings, replacing a run's files, removing folders, FAISS indexes on any filesystem.
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ import bz2
 import fcntl
 import gzip
 import io
+import json
+import logging
 import lzma
 import os
+import shutil
 import stat
+import tempfile
+import uuid
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
+log = logging.getLogger(__name__)
 
 # Magic numbers of the compressions a shard or a list may carry.
 _MAGIC = (("gzip", b"\x1f\x8b"), ("bz2", b"BZh"), ("xz", b"\xfd7zXZ\x00"))
@@ -214,3 +224,136 @@ def safe_text(name: str) -> str:
     except UnicodeEncodeError:  # surrogates of another origin
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
     return raw.decode("utf-8", "backslashreplace")
+
+
+# ---- writing, listing and moving the project's own files (any Beam filesystem) ----------------------
+
+
+def mkdirs(path: str) -> None:
+    """Create a directory (and its parents); one that exists already is fine, object stores need none."""
+    try:
+        FileSystems.mkdirs(path)
+    except OSError:
+        pass  # exists (local)
+    except Exception as exc:  # Beam wraps "already exists" in BeamIOError
+        if "exist" not in str(exc).lower():
+            raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary name beside `path`, then rename it into place.
+
+    The rename replaces the old file in one step (os.rename locally; an object copy on gs://),
+    so a reader sees the old content or the new, never a part.
+    """
+    if is_local(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(tmp) as out:
+        out.write(data)
+    FileSystems.rename([tmp], [path])
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """`payload` as indented, key-sorted JSON at `path`, atomically (write_bytes_atomic)."""
+    write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """`text` (UTF-8) at `path`, atomically (write_bytes_atomic)."""
+    write_bytes_atomic(path, text.encode())
+
+
+def read_text(path: str, limit: int = 16 << 20) -> str | None:
+    """A small text file's content, stripped; None when it is missing or unreadable (never more than `limit` bytes)."""
+    try:
+        data = read_bounded(path, limit)
+    except Exception:  # missing, a FIFO, too large: there is no such text
+        return None
+    return data.decode(errors="replace").strip()
+
+
+def read_json(path: str, limit: int = 16 << 20) -> dict | None:
+    """A small JSON file's content, or None when it is missing."""
+    text = read_text(path, limit)
+    return json.loads(text) if text else None
+
+
+def parquet_files(directory: str) -> list[str]:
+    """Sorted Parquet files directly under a directory (any Beam filesystem)."""
+    pattern = f"{directory.rstrip('/')}/*.parquet"
+    try:
+        found = FileSystems.match([pattern])[0].metadata_list
+    except Exception:  # Beam raises when nothing matches on some filesystems
+        return []
+    return sorted(m.path for m in found)
+
+
+def replace_parquet_files(src: str, dst: str) -> None:
+    """Replace the Parquet files directly under `dst` with those of `src` (moved, not copied)."""
+    old = parquet_files(dst)
+    if old:
+        FileSystems.delete(old)
+    mkdirs(dst)
+    files = parquet_files(src)
+    if files:
+        FileSystems.rename(files, [f"{dst.rstrip('/')}/{os.path.basename(f)}" for f in files])
+
+
+def remove_tree(path: str, *, best_effort: bool = False) -> None:
+    """Delete a folder and everything under it (a prefix on object stores), if it exists.
+
+    With `best_effort`, a failure is logged instead of raised (a leftover staging folder is harmless).
+    """
+    try:
+        if is_local(path):
+            if os.path.lexists(path):
+                FileSystems.delete([path])
+            return
+        # Object stores have no folders: delete every object under the prefix, by name.
+        base = path.rstrip("/")
+        try:
+            found = [m.path for m in FileSystems.match([f"{base}/**"])[0].metadata_list]
+        except Exception:  # nothing matches
+            found = []
+        for i in range(0, len(found), 1000):
+            FileSystems.delete(found[i : i + 1000])
+        if FileSystems.exists(base):  # a filesystem with real folders keeps the empty one
+            FileSystems.delete([base])
+    except Exception as exc:
+        if not best_effort:
+            raise
+        log.warning("could not remove %s: %s", safe_text(path), exc)
+
+
+def file_size(path: str) -> int:
+    """Size in bytes of one file on any Beam filesystem."""
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def write_faiss(index, path: str) -> None:
+    """faiss.write_index to any Beam filesystem (remote: via a local temp file, never in memory twice)."""
+    import faiss
+
+    if is_local(path):
+        faiss.write_index(index, path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, local)
+        with open(local, "rb") as src, FileSystems.create(path) as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def read_faiss(path: str):
+    """faiss.read_index from any Beam filesystem (regular files only)."""
+    import faiss
+
+    if is_local(path):
+        check_regular(path)
+        return faiss.read_index(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        with open_regular(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        return faiss.read_index(local)

@@ -319,7 +319,7 @@ def test_a_failure_mid_build_leaves_the_previous_index_whole(data64, tmp_path, m
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(build_module, "write_json", crash)  # index.faiss and ids.parquet are staged by now
+    monkeypatch.setattr(build_module, "write_json_atomic", crash)  # index.faiss and ids.parquet are staged by now
     with pytest.raises(OSError, match=r"simulated"):
         build_index(root, str(out), index="ivf-flat")
     assert {name: (out / name).read_bytes() for name in before} == before

@@ -36,7 +36,7 @@ ALLOWED_GROWTH_MIB = 96
 _SCRIPT = r"""
 import json, resource, sys
 import apache_beam as beam
-from pipeline.job import pipeline_options
+from pipeline.runner import pipeline_options
 from pipeline.read import ReadImages
 
 spec, out = sys.argv[1], sys.argv[2]

@@ -22,21 +22,11 @@ from collections.abc import Iterator
 import faiss
 
 from pipeline import __version__
-from pipeline.index.io import (
-    Dataset,
-    IdsWriter,
-    file_size,
-    iter_batches,
-    publish,
-    remove_tree,
-    scan_dataset,
-    staging_dir,
-    write_faiss,
-    write_json,
-)
+from pipeline.index.io import Dataset, IdsWriter, iter_batches, publish, scan_dataset, staging_dir
 from pipeline.index.loading import FORMAT_VERSION  # what the reading side accepts
 from pipeline.index.quality import ExactNeighbours, K, QuerySet, tune
 from pipeline.index.train import Prepared, prepare, presize_flat_codes
+from pipeline.storage import file_size, remove_tree, write_faiss, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +38,7 @@ def staged(output: str) -> Iterator[str]:
     try:
         yield staging
     except BaseException:
-        remove_tree(staging)
+        remove_tree(staging, best_effort=True)
         raise
 
 
@@ -108,7 +98,7 @@ def finish(
         "has_thumbnails": ds.has_thumbnails,
         "embedpipe_version": __version__,
     }
-    write_json(f"{staging}/index.json", meta)
+    write_json_atomic(f"{staging}/index.json", meta)
     publish(staging, output)
     log.info("index: %s, %d vectors, recall@10 %.3f -> %s", prepared.factory, index.ntotal, recall, output)
     return meta

@@ -28,23 +28,13 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.index import auto
+from pipeline.index.auto import parse_memory_budget
 from pipeline.index.build import build_index, finish, staged
-from pipeline.index.io import (
-    Dataset,
-    IdsWriter,
-    Shard,
-    iter_batches,
-    iter_columns,
-    mkdirs,
-    read_faiss,
-    remove_tree,
-    scan_dataset,
-    write_faiss,
-)
+from pipeline.index.io import Dataset, IdsWriter, Shard, iter_batches, iter_columns, scan_dataset
 from pipeline.index.loading import drop_precomputed_table
 from pipeline.index.quality import ExactNeighbours, K
 from pipeline.index.train import METRICS, faiss_metric_for, ivf_of, new_index, prepare, resolve_index
+from pipeline.storage import mkdirs, read_faiss, remove_tree, write_faiss
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +150,7 @@ def build_index_distributed(
         The content of index.json; index.faiss is the same as the single-process build's for the
         same trained index (same seed and data).
     """
-    from pipeline.job import pipeline_options
+    from pipeline.runner import pipeline_options
 
     started = time.perf_counter()
     ds = scan_dataset(embeddings)
@@ -203,7 +193,7 @@ def build_index_distributed(
             merged.merge_from(part, 0)
             found = _load_npz(f"{work}/shard-{number:05d}.truth.npz")
             truth.add_result(found["distances"], found["labels"])
-        remove_tree(work)
+        remove_tree(work, best_effort=True)
         ids_rows = _write_ids(ds, f"{staging}/ids.parquet", batch_rows)
         return finish(
             merged,
@@ -222,7 +212,7 @@ def _kind(index: str, ds: Dataset, memory_budget: str | int, metric: str) -> tup
     """(index type, factory) when the type can be built shard by shard, else (None, why not)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}; got {metric!r}")
-    index_type, factory = resolve_index(index, ds.ntotal, ds.dim, auto.parse_memory_budget(memory_budget))
+    index_type, factory = resolve_index(index, ds.ntotal, ds.dim, parse_memory_budget(memory_budget))
     if ivf_of(new_index(factory, ds.dim, faiss_metric_for(index_type, metric))) is None:
         why = "adding to a flat index is a copy" if index_type == "flat" else "an HNSW graph cannot be merged"
         if index_type == "custom":

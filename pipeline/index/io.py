@@ -12,18 +12,15 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.job import parquet_files
+from pipeline.storage import is_local, mkdirs, parquet_files, remove_tree, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -282,45 +279,6 @@ class IdsWriter:
         self._handle.close()
 
 
-def is_local(path: str) -> bool:
-    return FileSystems.get_scheme(path) is None
-
-
-def write_faiss(index: faiss.Index, path: str) -> None:
-    """faiss.write_index to any Beam filesystem (remote: via a local temp file, never in memory twice)."""
-    if is_local(path):
-        faiss.write_index(index, path)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "index.faiss")
-        faiss.write_index(index, local)
-        with open(local, "rb") as src, FileSystems.create(path) as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
-
-
-def read_faiss(path: str) -> faiss.Index:
-    """faiss.read_index from any Beam filesystem."""
-    if is_local(path):
-        return faiss.read_index(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "index.faiss")
-        with _open(path) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
-        return faiss.read_index(local)
-
-
-def file_size(path: str) -> int:
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-
-
-def mkdirs(path: str) -> None:
-    try:
-        FileSystems.mkdirs(path)
-    except Exception as exc:  # exists already (local); object stores need no directories
-        if "exist" not in str(exc).lower():
-            raise
-
-
 def staging_dir(output: str) -> str:
     """A fresh directory beside `output`, on the same filesystem, so publishing is a rename."""
     out = output.rstrip("/")
@@ -330,15 +288,6 @@ def staging_dir(output: str) -> str:
     path = f"{parent}/.{name}.building-{uuid.uuid4().hex[:12]}"
     mkdirs(path)
     return path
-
-
-def remove_tree(path: str) -> None:
-    """Best effort: a leftover staging directory is harmless, so failing to delete it is only logged."""
-    try:
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-    except Exception as exc:
-        log.warning("could not remove %s: %s", path, exc)
 
 
 def publish(staging: str, output: str) -> None:
@@ -353,12 +302,7 @@ def publish(staging: str, output: str) -> None:
             FileSystems.delete([f"{out}/{name}"])
     for name in INDEX_FILES:
         FileSystems.rename([f"{staging}/{name}"], [f"{out}/{name}"])
-    remove_tree(staging)
-
-
-def write_json(path: str, payload: dict) -> None:
-    with FileSystems.create(path) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+    remove_tree(staging, best_effort=True)
 
 
 def write_embeddings(
@@ -407,5 +351,5 @@ def write_embeddings(
         table = pa.Table.from_pydict(columns, schema=schema)
         with FileSystems.create(f"{out}/embeddings/part-{f:05d}-of-{files:05d}.parquet") as handle:
             pq.write_table(table, handle, row_group_size=2048)
-    write_json(f"{out}/manifest.json", {"model": model, "model_config": model_config, "embedding_dim": dim})
+    write_json_atomic(f"{out}/manifest.json", {"model": model, "model_config": model_config, "embedding_dim": dim})
     return out
