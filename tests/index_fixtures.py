@@ -290,3 +290,28 @@ def model_index_dir(
     fingerprint = model if model is not None else cfg.fingerprint()
     vectors = clustered(n, 2048)
     return write_index_dir(out, vectors, model=fingerprint, model_config=model_config_dict(cfg))
+
+
+@contextlib.contextmanager
+def serve_guarded_in_thread(app, guard) -> Iterator[str]:
+    """Like serve_in_thread, under the server `embedpipe serve` runs: `guard` (a ConnectionGuard) limits it."""
+    from pipeline.serve.connections import build_server
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    server = build_server(app, guard, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -1,7 +1,9 @@
 """The HTTP API and results page over one Searcher (FastAPI; run it with uvicorn, see serve/cli.py).
 
 Every error is JSON: {"error": <code>, "detail": <message>} with a 4xx status
-(5xx only for failures of the server itself). Endpoints and limits: docs/SERVE.md.
+(5xx only for failures of the server itself). Every link the server hands out is
+relative, so the app works unchanged under a reverse proxy's path prefix.
+Endpoints, limits, metrics: docs/SERVE.md; the schema: GET /openapi.json.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import functools
 import importlib.resources
 import os
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, BinaryIO, TypeVar
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__, reasons
 from pipeline.index.search import Hit, ModelMismatchError, QueryImageError, Searcher, UnknownIdError
+from pipeline.serve.cli import DEFAULT_MAX_QUERIES
+from pipeline.serve.cors import JsonCORSMiddleware
+from pipeline.serve.errors import ApiError, check_k, error_responses
 from pipeline.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_DECODE_MEMORY_MB,
@@ -34,7 +40,10 @@ from pipeline.serve.limits import (
     DEFAULT_SERVE_MAX_PIXELS,
 )
 from pipeline.serve.memory import BudgetTimeout, DecodeBudget, decode_cost, release_memory
+from pipeline.serve.metrics import CONTENT_TYPE, ERROR_KEY, MetricsMiddleware, RequestMetrics, render, server_gauges
 from pipeline.serve.middleware import RequestBodyGuard
+from pipeline.serve.models import BatchSearchResponse, Health, SearchResponse, Stats, describe, install_openapi
+from pipeline.serve.queries import JsonQueries, hit_json
 
 # Multipart framing and the small form fields around the file; the file itself is checked exactly.
 _MULTIPART_SLACK = 64 * 1024
@@ -42,17 +51,8 @@ _MULTIPART_SLACK = 64 * 1024
 _TRIM_ABOVE = 64 << 20
 _IMAGE_ERROR_STATUS = {reasons.NOT_AN_IMAGE: 415, reasons.TOO_MANY_PIXELS: 413}
 _CODES = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout", 413: "upload_too_large"}
+_FORM_K = TypeAdapter(int)
 _T = TypeVar("_T")
-
-
-class ApiError(Exception):
-    """An error answered as JSON {"error": code, "detail": message} with `status` (and extra `headers`)."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = headers
 
 
 def _page() -> str:
@@ -76,12 +76,17 @@ def create_app(
     image_threads: int | None = None,
     search_threads: int | None = None,
     connection_stats: Callable[[], dict] | None = None,
+    max_queries: int = DEFAULT_MAX_QUERIES,
+    cors_origins: list[str] | None = None,
+    root_path: str = "",
 ) -> FastAPI:
-    """The FastAPI app serving `searcher`: /, /search (GET by id, POST an image), /thumbnail/{id}, /stats, /healthz.
+    """The FastAPI app serving `searcher`: /, /search, /thumbnail/{id}, /stats, /healthz, /metrics, /openapi.json.
 
-    Image queries and id queries run on separate thread pools, so an id query never
-    waits behind image decoding; decodes also wait for their estimated memory
-    (serve/memory.py) to fit `decode_memory_bytes`.
+    GET /search finds the neighbours of a stored id; POST /search those of an uploaded
+    image (multipart) or of several vectors or ids (JSON). Image queries run on one
+    thread pool, id and vector queries on another, so the latter never wait behind
+    image decoding; decodes also wait for their estimated memory (serve/memory.py)
+    to fit `decode_memory_bytes`.
 
     Args:
         searcher: an open Searcher (the app does not close it).
@@ -92,7 +97,11 @@ def create_app(
         decode_wait: seconds an image query waits for decode memory before a 503.
         body_timeout: seconds the whole request body may take to arrive (408 after).
         image_threads, search_threads: sizes of the two thread pools (default: from the cores).
-        connection_stats: reports the server's connection counts for /stats.
+        connection_stats: reports the server's connection counts for /stats and /metrics.
+        max_queries: most vectors or ids in one JSON query (422 above).
+        cors_origins: origins allowed to call the API from a browser (from cors.parse_origins); none: no CORS.
+        root_path: the path prefix a reverse proxy serves the app under, for the `servers` of /openapi.json
+            (links are relative: the app needs no prefix to work behind the proxy).
     """
     default_image, default_search = _default_threads()
     image_pool = concurrent.futures.ThreadPoolExecutor(image_threads or default_image, "embedpipe-image")
@@ -108,22 +117,28 @@ def create_app(
             search_pool.shutdown(wait=False, cancel_futures=True)
 
     # redirect_slashes off: Starlette would answer /search/ with a redirect built from the Host header.
+    # The interactive docs pages load their scripts from a CDN, so only the schema is served.
     app = FastAPI(
         title="embedpipe search",
         version=__version__,
+        description="Nearest neighbours in an embedpipe index, by image, stored id or vector. See docs/SERVE.md.",
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
         redirect_slashes=False,
         lifespan=lifespan,
     )
     app.add_middleware(RequestBodyGuard, max_body=max_upload_bytes + _MULTIPART_SLACK, timeout=body_timeout)
     page = _page()
     metric = searcher.meta["metric"]
+    json_queries = JsonQueries(searcher, max_queries=max_queries, max_k=max_k)
+    metrics = RequestMetrics()
+    families = [*metrics.families(), *server_gauges(searcher, budget, connection_stats)]
     limits = {
         "max_upload_bytes": max_upload_bytes,
         "max_pixels": max_pixels,
         "max_k": max_k,
+        "max_queries": max_queries,
         "decode_memory_bytes": decode_memory_bytes,
         "decode_wait_s": decode_wait,
         "body_timeout_s": body_timeout,
@@ -132,24 +147,22 @@ def create_app(
     async def run(pool: concurrent.futures.Executor, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
+    def error(request: Request, status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+        request.scope[ERROR_KEY] = code  # for /metrics' errors by code
+        return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "detail": str(exc)}, status_code=exc.status, headers=exc.headers)
+        return error(request, exc.status, exc.code, str(exc), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('query', 'body'))}: {e.get('msg')}"
-            for e in exc.errors()
-        )
-        return JSONResponse({"error": "invalid_request", "detail": problems}, status_code=422)
+        return error(request, 422, "invalid_request", describe(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse(
-            {"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
+        return error(request, exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
@@ -157,35 +170,24 @@ def create_app(
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    def check_k(k: int) -> int:
-        if not 1 <= k <= max_k:
-            raise ApiError(422, "k_out_of_range", f"k must be between 1 and {max_k}; got {k}")
-        return k
-
     def payload(query: dict, k: int, hits: list[Hit], start: float) -> dict:
-        def thumb(h: Hit) -> str | None:
-            return f"/thumbnail/{urllib.parse.quote(h.id, safe='')}" if searcher.has_thumbnails else None
-
         return {
             "query": query,
             "k": k,
             "metric": metric,
             "took_ms": round((time.perf_counter() - start) * 1000, 2),
-            "results": [
-                {"rank": h.rank, "id": h.id, "uri": h.uri, "score": h.score, "label": h.label, "thumbnail": thumb(h)}
-                for h in hits
-            ],
+            "results": [hit_json(h, searcher.has_thumbnails) for h in hits],
         }
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, summary="The results page")
     async def index_page() -> HTMLResponse:
         # Everything is inline; nothing may load from elsewhere.
         csp = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
         return HTMLResponse(page, headers={"Content-Security-Policy": csp})
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "ntotal": searcher.ntotal}
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok", "ntotal": searcher.ntotal})
 
     def stats_now() -> dict:
         out = {**searcher.stats(), "limits": limits, "server_version": __version__}
@@ -194,9 +196,18 @@ def create_app(
             out["connections"] = connection_stats()
         return out
 
-    @app.get("/stats")
-    async def stats() -> dict:
-        return await run(search_pool, stats_now)
+    @app.get("/stats", response_model=Stats)
+    async def stats() -> Response:
+        return JSONResponse(await run(search_pool, stats_now))
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        summary="Prometheus metrics",
+        responses={200: {"description": "the text exposition format 0.0.4", "content": {CONTENT_TYPE: {}}}},
+    )
+    async def metrics_text() -> Response:
+        return Response(render(families), media_type=CONTENT_TYPE)
 
     def by_id(id: str, k: int) -> list[Hit]:
         try:
@@ -206,12 +217,14 @@ def create_app(
         except ValueError as exc:  # an index type that cannot return stored vectors
             raise ApiError(409, "id_search_unavailable", str(exc)) from exc
 
-    @app.get("/search")
-    async def search_by_id(id: str, k: int = 10) -> dict:
+    @app.get("/search", response_model=SearchResponse, responses=error_responses(404, 409, 422))
+    async def search_by_id(id: Annotated[str, Query(description="a stored id (URL-encoded)")], k: int = 10) -> Response:
+        """Neighbours of a stored item; the item itself is hit 1."""
         start = time.perf_counter()
-        k = check_k(k)
+        k = check_k(k, max_k)
         hits = await run(search_pool, by_id, id, k)
-        return payload({"type": "id", "id": id}, k, hits, start)
+        metrics.queries.inc("id")
+        return JSONResponse(payload({"type": "id", "id": id}, k, hits, start))
 
     def estimate(file: BinaryIO, nbytes: int) -> int:
         file.seek(0)
@@ -242,10 +255,7 @@ def create_app(
         except RuntimeError as exc:  # e.g. the model's weights cannot be loaded on this machine
             raise ApiError(503, "model_unavailable", f"{type(exc).__name__}: {exc}") from exc
 
-    @app.post("/search")
-    async def search_by_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10) -> dict:
-        start = time.perf_counter()
-        k = check_k(k)
+    async def search_image(image: UploadFile, k: int, start: float) -> dict:
         nbytes = image.size if image.size is not None else await run(image_pool, _length, image.file)
         if nbytes > max_upload_bytes:
             raise ApiError(413, "upload_too_large", f"the image exceeds the upload limit of {max_upload_bytes:,} bytes")
@@ -265,7 +275,41 @@ def create_app(
                 headers={"Retry-After": "5"},
             ) from exc
         hits = await run(image_pool, embed_and_search, pixels, k)
+        metrics.queries.inc("image")
         return payload({"type": "image", "filename": image.filename, "bytes": nbytes}, k, hits, start)
+
+    async def search_form(request: Request, start: float) -> Response:
+        async with request.form() as form:
+            image = form.get("image")
+            if not isinstance(image, UploadFile):
+                problem = "Field required" if image is None else "must be a file, not a text field"
+                raise ApiError(
+                    422, "invalid_request", f"image: {problem}; send the image as multipart/form-data field image"
+                )
+            try:
+                k = _FORM_K.validate_python(form.get("k", "10"))
+            except ValidationError as exc:
+                raise ApiError(422, "invalid_request", describe([{**e, "loc": ("k",)} for e in exc.errors()])) from None
+            return JSONResponse(await search_image(image, check_k(k, max_k), start))
+
+    @app.post(
+        "/search",
+        response_model=SearchResponse | BatchSearchResponse,
+        responses=error_responses(400, 404, 408, 409, 413, 415, 422, 503),
+    )
+    async def search_post(request: Request) -> Response:
+        """Neighbours of an uploaded image (multipart/form-data), or of several vectors or ids (application/json).
+
+        A JSON query answers one result list per vector or id, in order.
+        """
+        start = time.perf_counter()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return await search_form(request, start)
+        body = await json_queries.read_body(request)
+        text, kind, count = await run(search_pool, json_queries.answer, body, start)
+        metrics.queries.inc(kind, amount=count)
+        return Response(text, media_type="application/json")
 
     def thumbnail_of(id: str) -> bytes:
         try:
@@ -276,11 +320,21 @@ def create_app(
             raise ApiError(404, "no_thumbnail", f"no thumbnail stored for {id!r} (embed with --thumbnails)")
         return data
 
-    @app.get("/thumbnail/{id:path}")
+    @app.get(
+        "/thumbnail/{id:path}",
+        response_class=Response,
+        responses={200: {"description": "the stored JPEG", "content": {"image/jpeg": {}}}, **error_responses(404)},
+    )
     async def thumbnail(id: str) -> Response:
+        """The stored thumbnail of an item (its id URL-encoded, / included)."""
         data = await run(search_pool, thumbnail_of, id)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
+    install_openapi(app, dim=searcher.dim, max_queries=max_queries, max_k=max_k, root_path=root_path)
+    if cors_origins:
+        app.add_middleware(JsonCORSMiddleware, origins=cors_origins)
+    # Outermost: it sees every answer, CORS preflights and body-limit errors included.
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     return app
 
 

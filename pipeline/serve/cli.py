@@ -22,15 +22,19 @@ from pipeline.serve.limits import (
 
 log = logging.getLogger(__name__)
 
+# Vectors or ids in one JSON query: 64 x 2048 floats is ~4 MB of JSON, 64 x k hits to answer.
+DEFAULT_MAX_QUERIES = 64
+
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `serve` subcommand (func=cmd_serve) to the `embedpipe` parser."""
     p = subparsers.add_parser(
         "serve",
         help="HTTP API and results page over an index",
-        description="Serve an index directory over HTTP: GET /search?id=..&k=.., POST /search (image upload), "
-        "GET /thumbnail/ID, /stats, /healthz, and a results page at /. There is no authentication: "
-        "it binds to 127.0.0.1 unless --host says otherwise (see docs/SERVE.md).",
+        description="Serve an index directory over HTTP: GET /search?id=..&k=.., POST /search (an image upload, or "
+        "JSON with several vectors or ids), GET /thumbnail/ID, /stats, /healthz, /metrics (Prometheus), "
+        "/openapi.json, and a results page at /. There is no authentication: it binds to 127.0.0.1 unless "
+        "--host says otherwise (see docs/SERVE.md).",
     )
     p.add_argument("--index", required=True, metavar="DIR", help="index directory (local, gs://, s3://)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -79,6 +83,25 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="seconds the whole request body (an upload) may take to arrive; 408 after "
         f"(default {DEFAULT_BODY_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--max-queries",
+        type=int,
+        default=DEFAULT_MAX_QUERIES,
+        help=f"most vectors or ids in one JSON query on POST /search (default {DEFAULT_MAX_QUERIES})",
+    )
+    p.add_argument(
+        "--cors-origins",
+        metavar="ORIGIN[,ORIGIN]",
+        help="let web pages from these origins (scheme://host[:port], or *) call the API from a browser; "
+        "default: no CORS headers, so only pages served by this server can",
+    )
+    p.add_argument(
+        "--root-path",
+        default="",
+        metavar="PREFIX",
+        help="the path prefix a reverse proxy serves the API under (e.g. /embedpipe), named in /openapi.json's "
+        "servers; the page and the links in results are relative and work under any prefix without it",
+    )
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -114,9 +137,14 @@ def _check_args(args: argparse.Namespace) -> str | None:
         "--max-connections": args.max_connections,
         "--header-timeout": args.header_timeout,
         "--body-timeout": args.body_timeout,
+        "--max-queries": args.max_queries,
     }
     bad = [f"{name} {value:g}" for name, value in positive.items() if not value > 0]
-    return f"{', '.join(bad)}: must be positive" if bad else None
+    if bad:
+        return f"{', '.join(bad)}: must be positive"
+    if args.root_path and (not args.root_path.startswith("/") or any(c in args.root_path for c in "?# ")):
+        return f"--root-path {args.root_path!r}: must be a path that starts with /, e.g. /embedpipe"
+    return None
 
 
 def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -137,7 +165,15 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
         )
         return 2
 
+    from pipeline.serve.cors import parse_origins
+
     problem = _check_args(args)
+    cors_origins = None
+    if problem is None and args.cors_origins is not None:
+        try:
+            cors_origins = parse_origins(args.cors_origins)
+        except ValueError as exc:
+            problem = str(exc)
     if problem:
         print(f"embedpipe serve: error: {problem}", file=sys.stderr)
         return 2
@@ -190,6 +226,9 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
         decode_wait=args.decode_wait,
         body_timeout=args.body_timeout,
         connection_stats=guard.stats,
+        max_queries=args.max_queries,
+        cors_origins=cors_origins,
+        root_path=args.root_path.rstrip("/"),
     )
     server = build_server(app, guard, keep_alive_timeout=DEFAULT_KEEP_ALIVE_TIMEOUT, backlog=backlog)
     host, port = sock.getsockname()[:2]
