@@ -133,11 +133,14 @@ def status_columns(schema: pa.Schema) -> list[str]:
     Both are needed: a `status` column alone may mean anything in someone else's data, and
     reading it as a failure there would turn good images into errors.
     """
-    found = [name for name in (STATUS_COLUMN, MESSAGE_COLUMN) if name in schema.names]
-    texts = (pa.types.is_string, pa.types.is_large_string)
-    if len(found) < 2 or not all(any(t(schema.field(name).type) for t in texts) for name in found):
+    if STATUS_COLUMN not in schema.names or MESSAGE_COLUMN not in schema.names:
         return []
-    return found
+    text = (pa.types.is_string, pa.types.is_large_string)
+    status, message = schema.field(STATUS_COLUMN).type, schema.field(MESSAGE_COLUMN).type
+    # A writer without a schema (pandas, from_pylist) types a column that is null in every row as null.
+    if any(t(status) for t in text) and (pa.types.is_null(message) or any(t(message) for t in text)):
+        return [STATUS_COLUMN, MESSAGE_COLUMN]
+    return []
 
 
 def _holds_bytes(kind: pa.DataType) -> bool:
