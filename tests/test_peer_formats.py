@@ -240,3 +240,28 @@ def test_img2dataset_outputs_through_the_job_count_every_row(tmp_path, images):
     }
     assert NOT_FOUND in errors["000000001"]["message"] and "'failed_to_download'" in errors["000000001"]["message"]
     assert errors["000000003"]["uri"].endswith("/parquet/00000.parquet#row=3")
+
+
+def test_a_message_repeated_row_after_row_is_bounded_like_repeated_images(tmp_path):
+    # 20,000 failed rows share one 5 MB message: a small file, but 1 KiB copied per row would
+    # hand out 20 MB of messages, over the row group's bound (16 MiB for a file this small).
+    rows = 20_000
+    path = tmp_path / "repeat.parquet"
+    zeros = pa.array([0] * rows, pa.int32())
+    table = pa.table(
+        {
+            "key": pa.array([f"k{i}" for i in range(rows)]),
+            "status": pa.DictionaryArray.from_arrays(zeros, pa.array(["failed_to_download"])),
+            "error_message": pa.DictionaryArray.from_arrays(zeros, pa.array(["y" * 5_000_000])),
+            "jpg": pa.array([None] * rows, pa.binary()),
+        }
+    )
+    pq.write_table(table, path, row_group_size=rows)
+    assert path.stat().st_size < 1_000_000
+
+    got = list(read_parquet(str(path), "repeat", max_bytes=MAX_BYTES))
+
+    *failed, last = got
+    assert {row["error"] for row in failed} == {reasons.SOURCE_FAILED} and 10_000 < len(failed) < rows
+    assert (last["id"], last["error"]) == (f"repeat#row={len(failed)}", reasons.TOO_LARGE)
+    assert "repeats its values" in last["message"] and f"({rows - len(failed)}) lost" in last["message"]

@@ -136,11 +136,16 @@ def status_columns(schema: pa.Schema) -> list[str]:
     if STATUS_COLUMN not in schema.names or MESSAGE_COLUMN not in schema.names:
         return []
     text = (pa.types.is_string, pa.types.is_large_string)
-    status, message = schema.field(STATUS_COLUMN).type, schema.field(MESSAGE_COLUMN).type
+    status, message = (_value_type(schema.field(name).type) for name in (STATUS_COLUMN, MESSAGE_COLUMN))
     # A writer without a schema (pandas, from_pylist) types a column that is null in every row as null.
     if any(t(status) for t in text) and (pa.types.is_null(message) or any(t(message) for t in text)):
         return [STATUS_COLUMN, MESSAGE_COLUMN]
     return []
+
+
+def _value_type(kind: pa.DataType) -> pa.DataType:
+    """The type of the values of a column, through dictionary encoding (pandas categoricals, ...)."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
 def _holds_bytes(kind: pa.DataType) -> bool:
