@@ -89,6 +89,8 @@ class ColumnValues:
         else:
             self._values, self._index = array, None
         self._sizes = pc.binary_length(self._values).to_pylist() if _holds_bytes(self._values.type) else None
+        self._raw: pa.Array | None = None
+        self._texts: dict[tuple[int, int], str] = {}
 
     def _at(self, row: int) -> int | None:
         return self._index[row] if self._index is not None else row
@@ -106,20 +108,23 @@ class ColumnValues:
         return None if at is None else self._values[at].as_py()
 
     def text(self, row: int, limit: int) -> str | None:
-        """Row `row` of a text or binary column as text of at most `limit` bytes (None where null).
+        """Row `row` of a text or binary column as one line of at most `limit` bytes (None where null).
 
         A longer value is cut before it is copied, so a hostile 60 MB message costs `limit` bytes.
+        Each distinct value is decoded once: a status column holds a handful of them.
         """
         at = self._at(row)
-        if at is None or self._sizes is None:
+        if at is None or self._sizes is None or self._sizes[at] is None:
             return None
-        value = self._values.slice(at, 1)
-        large = pa.types.is_large_string(value.type) or pa.types.is_large_binary(value.type)
-        raw = pc.binary_slice(value.view(pa.large_binary() if large else pa.binary()), 0, limit)[0].as_py()
-        if raw is None:
-            return None
-        cut = "..." if self._sizes[at] > limit else ""
-        return " ".join(raw.decode("utf-8", errors="replace").split()) + cut  # one line
+        if (at, limit) not in self._texts:
+            if self._raw is None:  # the same buffers seen as bytes: no copy, and no UTF-8 check to fail
+                large = pa.types.is_large_string(self._values.type) or pa.types.is_large_binary(self._values.type)
+                self._raw = self._values.view(pa.large_binary() if large else pa.binary())
+            whole = self._sizes[at] <= limit
+            raw = self._raw[at].as_py() if whole else pc.binary_slice(self._raw.slice(at, 1), 0, limit)[0].as_py()
+            text = " ".join(raw.decode("utf-8", errors="replace").split())  # one line
+            self._texts[at, limit] = text if whole else text + "..."
+        return self._texts[at, limit]
 
 
 def binary_columns(schema: pa.Schema, names: list[str]) -> list[str]:
