@@ -359,3 +359,100 @@ class SlowFs(LocalFileSystem):
             time.sleep(self.DELAY)
             raise OSError(f"{path}: connection timed out")
         return io.BytesIO(b"bytes of " + path.encode())
+
+
+# ---------------------------------------------------------------- img2dataset's output
+# Laid out as img2dataset (1.47, rom1504/img2dataset) writes it, per its downloader.py and writer.py,
+# and checked against its real output: every row's metadata is the input columns (`caption`, `url`)
+# then `key` (9 digits: shard and index), `status` ("success", "failed_to_download",
+# "failed_to_resize"), `error_message`, `width`, `height`, `original_width`, `original_height`
+# (int32), `exif` and `sha256`. Its Parquet output adds the image column (`jpg`, named by
+# --encode_format) and keeps failed rows with a null image; its TFRecord and WebDataset outputs hold
+# the successes only, each beside a `.parquet` of every row's metadata without images.
+
+I2D_SCHEMA = pa.schema(
+    [("caption", pa.string()), ("url", pa.string()), ("key", pa.string()), ("status", pa.string())]
+    + [("error_message", pa.string())]
+    + [(name, pa.int32()) for name in ("width", "height", "original_width", "original_height")]
+    + [("exif", pa.string()), ("sha256", pa.string())]
+)
+
+
+def img2dataset_meta(rows: list[tuple[str, bytes | None, str, str | None]]) -> list[dict]:
+    """(key, image or None, status, error_message) -> img2dataset's metadata dict of each row."""
+    import hashlib
+
+    metas = []
+    for key, data, status, error in rows:
+        ok = status == "success"
+        size = 32 if ok else None
+        metas.append(
+            {
+                "caption": f"caption of {key}",
+                "url": f"http://images.example/{key}.jpg",
+                "key": key,
+                "status": status,
+                "error_message": error,
+                "width": size,
+                "height": size,
+                "original_width": 57 if ok else None,
+                "original_height": 70 if ok else None,
+                "exif": "{}" if ok else None,
+                "sha256": hashlib.sha256(data).hexdigest() if ok and data else None,
+            }
+        )
+    return metas
+
+
+def write_img2dataset_parquet(
+    path: pathlib.Path,
+    rows: list[tuple[str, bytes | None, str, str | None]],
+    *,
+    encode_format: str | None = "jpg",
+    buffer_rows: int = 100,
+) -> pathlib.Path:
+    """img2dataset's Parquet output (`encode_format=None`: the metadata-only file beside a tar/TFRecord).
+
+    Written as its BufferedParquetWriter does: one pq.ParquetWriter, a table every `buffer_rows` rows.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = I2D_SCHEMA.append(pa.field(encode_format, pa.binary())) if encode_format else I2D_SCHEMA
+    metas = img2dataset_meta(rows)
+    if encode_format:
+        for meta, (_, data, status, _) in zip(metas, rows, strict=True):
+            meta[encode_format] = data if status == "success" else None
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(metas), buffer_rows):
+            chunk = metas[start : start + buffer_rows]
+            writer.write_table(pa.Table.from_pylist(chunk, schema))
+    return path
+
+
+def img2dataset_examples(rows: list[tuple[str, bytes | None, str, str | None]], *, encode_format: str = "jpg"):
+    """img2dataset's tf.train.Examples of the successful rows, made by TensorFlow.
+
+    As its TFRecordSampleWriter: `key` and the image as bytes, `txt` (the caption), then every
+    metadata field (text and None as bytes, ints as int64).
+    """
+    examples = []
+    for meta, (key, data, status, _) in zip(img2dataset_meta(rows), rows, strict=True):
+        if status != "success":
+            continue
+        features: dict = {"key": key.encode(), encode_format: data, "txt": meta["caption"].encode()}
+        for name, value in meta.items():
+            features[name] = value if isinstance(value, int) else (value or "").encode()
+        examples.append(tf_example(features))
+    return examples
+
+
+def write_img2dataset_tar(path: pathlib.Path, rows: list[tuple[str, bytes | None, str, str | None]]) -> pathlib.Path:
+    """img2dataset's WebDataset tar (`<key>.jpg`, `<key>.json`, `<key>.txt` of each success) and its `.parquet`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for meta, (key, data, status, _) in zip(img2dataset_meta(rows), rows, strict=True):
+            if status == "success":
+                _add(archive, f"{key}.jpg", data)
+                _add(archive, f"{key}.json", json.dumps(meta, indent=4).encode())
+                _add(archive, f"{key}.txt", meta["caption"].encode())
+    write_img2dataset_parquet(path.with_suffix(".parquet"), rows, encode_format=None)
+    return path

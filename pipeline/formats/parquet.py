@@ -1,5 +1,10 @@
 """Parquet shards with the image bytes in a column (img2dataset's layout: `key`, `jpg`).
 
+img2dataset keeps a row for every URL it was given, also the ones it could not fetch:
+those have a `status` other than "success" and an `error_message`, and no image. A
+shard with both of those text columns is read with them: such a row is one
+`source_failed` row carrying the shard's status and message (docs/INPUT_FORMATS.md).
+
 Read one row group at a time in small record batches, so memory holds a batch of
 images and the row group's pages, never the whole shard. A row group that fails to
 read becomes one error row for its rows and the next row group is still read.
@@ -15,6 +20,7 @@ bounded the same way. Such a row group is one `too_large` row that says so.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +38,9 @@ BATCH_ROWS = 16  # images per record batch: a few MB for typical photos
 ROW_GROUP_FLOOR = 16 * 1024 * 1024
 MAX_RATIO = 32
 MAX_ID_BYTES = 4096  # an id longer than this is not an id
+# img2dataset's per-row outcome (its downloader's schema: `status`, `error_message`, both pa.string()).
+STATUS_COLUMN, MESSAGE_COLUMN, SUCCESS = "status", "error_message", "success"
+MAX_SOURCE_TEXT = 1024  # bytes of a status or error_message copied into our message; a longer one is cut
 
 
 def row_group_problem(
@@ -80,6 +89,8 @@ class ColumnValues:
         else:
             self._values, self._index = array, None
         self._sizes = pc.binary_length(self._values).to_pylist() if _holds_bytes(self._values.type) else None
+        self._raw: pa.Array | None = None
+        self._texts: dict[tuple[int, int], str] = {}
 
     def _at(self, row: int) -> int | None:
         return self._index[row] if self._index is not None else row
@@ -96,15 +107,67 @@ class ColumnValues:
         at = self._at(row)
         return None if at is None else self._values[at].as_py()
 
+    def text(self, row: int, limit: int) -> str | None:
+        """Row `row` of a text or binary column as one line of at most `limit` bytes (None where null).
+
+        A longer value is cut before it is copied, so a hostile 60 MB message costs `limit` bytes.
+        Each distinct value is decoded once: a status column holds a handful of them.
+        """
+        at = self._at(row)
+        if at is None or self._sizes is None or self._sizes[at] is None:
+            return None
+        if (at, limit) not in self._texts:
+            if self._raw is None:  # the same buffers seen as bytes: no copy, and no UTF-8 check to fail
+                large = pa.types.is_large_string(self._values.type) or pa.types.is_large_binary(self._values.type)
+                self._raw = self._values.view(pa.large_binary() if large else pa.binary())
+            whole = self._sizes[at] <= limit
+            raw = self._raw[at].as_py() if whole else pc.binary_slice(self._raw.slice(at, 1), 0, limit)[0].as_py()
+            text = " ".join(raw.decode("utf-8", errors="replace").split())  # one line
+            self._texts[at, limit] = text if whole else text + "..."
+        return self._texts[at, limit]
+
 
 def binary_columns(schema: pa.Schema, names: list[str]) -> list[str]:
     """The columns among `names` that hold bytes or text: the ones to read as dictionaries."""
     return [name for name in names if _holds_bytes(schema.field(name).type)]
 
 
+def status_columns(schema: pa.Schema) -> list[str]:
+    """img2dataset's `status` and `error_message` columns when the shard has both as text, else [].
+
+    Both are needed: a `status` column alone may mean anything in someone else's data, and
+    reading it as a failure there would turn good images into errors.
+    """
+    if STATUS_COLUMN not in schema.names or MESSAGE_COLUMN not in schema.names:
+        return []
+    text = (pa.types.is_string, pa.types.is_large_string)
+    status, message = (_value_type(schema.field(name).type) for name in (STATUS_COLUMN, MESSAGE_COLUMN))
+    # A writer without a schema (pandas, from_pylist) types a column that is null in every row as null.
+    if any(t(status) for t in text) and (pa.types.is_null(message) or any(t(message) for t in text)):
+        return [STATUS_COLUMN, MESSAGE_COLUMN]
+    return []
+
+
+def _value_type(kind: pa.DataType) -> pa.DataType:
+    """The type of the values of a column, through dictionary encoding (pandas categoricals, ...)."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
 def _holds_bytes(kind: pa.DataType) -> bool:
     tests = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string)
     return any(test(kind) for test in tests)
+
+
+class _Layout(NamedTuple):
+    """The columns one shard is read with."""
+
+    image: str
+    id: str | None  # None: the shard has no id column
+    outcome: list[str]  # [status, error_message] (status_columns), or [] where the shard has none
+
+    @property
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys([self.image] + ([self.id] if self.id else []) + self.outcome))
 
 
 def read_parquet(
@@ -120,6 +183,8 @@ def read_parquet(
 
     The id is `id_column` (as text); a shard without that column, or a row where
     it is null or empty, gets `rel#row=N` (N counts from 0 over the whole file).
+    In a shard with img2dataset's `status` and `error_message` columns, a row whose
+    status is set and is not "success" is a `source_failed` row that carries both.
     """
     shown, rel = storage.safe_text(path), storage.safe_text(rel)
     try:
@@ -132,23 +197,16 @@ def read_parquet(
         try:
             footer = pq.ParquetFile(handle)
             schema = footer.schema_arrow
-            columns = [image_column] + ([id_column] if id_column in schema.names else [])
-            wanted = binary_columns(schema, [c for c in columns if c in schema.names])
+            layout = _Layout(image_column, id_column if id_column in schema.names else None, status_columns(schema))
+            wanted = binary_columns(schema, [c for c in layout.columns if c in schema.names])
             shard = pq.ParquetFile(handle, metadata=footer.metadata, read_dictionary=wanted)
         except Exception as exc:  # no footer: truncated, or not Parquet at all
             yield common.shard_error(
                 rel, path, "row=0", common.TRUNCATED_SHARD, f"not a readable Parquet file: {common.describe(exc)}"
             )
             return
-        names = schema.names
-        if image_column not in names:
-            yield common.record_error(
-                rel,
-                path,
-                reasons.UNREADABLE,
-                f"no image column {image_column!r} in shard (columns: {', '.join(names)}); "
-                "name it with --parquet-image-column",
-            )
+        if image_column not in schema.names:
+            yield common.record_error(rel, path, reasons.UNREADABLE, no_image_column(schema, image_column))
             return
         kind = schema.field(image_column).type
         if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)):
@@ -159,26 +217,47 @@ def read_parquet(
         first = 0
         for group in range(shard.metadata.num_row_groups):
             rows = shard.metadata.row_group(group).num_rows
-            yield from _read_group(shard, group, first, rows, path, rel, image_column, columns, max_bytes, batch_rows)
+            yield from _read_group(shard, group, first, rows, path, rel, layout, max_bytes, batch_rows)
             first += rows
 
 
-def _read_group(shard, group, first, rows, path, rel, image_column, columns, max_bytes, batch_rows):
+def no_image_column(schema: pa.Schema, image_column: str) -> str:
+    """The message of a shard without its image column: what it holds instead, and what to do."""
+    names = schema.names
+    found = f"no image column {image_column!r} in shard (columns: {', '.join(names)})"
+    binary = [
+        n for n in names if pa.types.is_binary(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)
+    ]
+    if binary:
+        return f"{found}; binary columns here: {', '.join(map(repr, binary))}: name one with --parquet-image-column"
+    if status_columns(schema) and "key" in names:
+        # img2dataset writes this metadata file beside each .tar / .tfrecord shard of the same name.
+        return (
+            f"{found}: this is img2dataset's metadata file, without images; "
+            "read the .tar or .tfrecord shards beside it instead (docs/INPUT_FORMATS.md)"
+        )
+    return f"{found}; name it with --parquet-image-column"
+
+
+def _read_group(shard, group, first, rows, path, rel, layout: _Layout, max_bytes, batch_rows):
     """The rows of one row group, or the rows it could hand out and one row for the rest."""
-    problem = row_group_problem(shard.metadata, group, columns)
+    problem = row_group_problem(shard.metadata, group, layout.columns)
     if problem:
         yield _lost(path, rel, first, rows, reasons.TOO_LARGE, problem)
         return
-    budget = decompression_budget(packed_size(shard.metadata, group, columns))
+    budget = decompression_budget(packed_size(shard.metadata, group, layout.columns))
     done = handed = 0
     try:
-        for batch in shard.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
-            images = ColumnValues(batch.column(image_column))
-            ids = ColumnValues(batch.column(columns[1])) if len(columns) > 1 else None
+        for batch in shard.iter_batches(batch_size=batch_rows, row_groups=[group], columns=layout.columns):
+            images = ColumnValues(batch.column(layout.image))
+            ids = ColumnValues(batch.column(layout.id)) if layout.id else None
+            outcome = [ColumnValues(batch.column(name)) for name in layout.outcome]
             for i in range(batch.num_rows):
-                size = images.size(i) or 0
+                failure = _source_failure(outcome, i, images.size(i))
+                size = 0 if failure else images.size(i) or 0
                 if size <= max_bytes:
                     handed += size
+                handed += len(failure or "")  # a message repeated row after row counts too
                 if handed > budget:  # one stored value repeated row after row
                     yield _lost(
                         path,
@@ -190,7 +269,7 @@ def _read_group(shard, group, first, rows, path, rel, image_column, columns, max
                         f"of images (the larger of {ROW_GROUP_FLOOR:,} and {MAX_RATIO}x its size on disk)",
                     )
                     return
-                yield _row(path, rel, first + done, ids, images, i, max_bytes)
+                yield _row(path, rel, first + done, ids, images, i, max_bytes, failure)
                 done += 1
     except Exception as exc:
         yield _lost(
@@ -201,6 +280,18 @@ def _read_group(shard, group, first, rows, path, rel, image_column, columns, max
             common.TRUNCATED_SHARD,
             f"row group {group} unreadable after {done} of its {rows} rows: {common.describe(exc)}",
         )
+
+
+def _source_failure(outcome: list[ColumnValues], i: int, size: int | None) -> str | None:
+    """The message of a row the shard itself marks as failed (status set, not "success"), else None."""
+    if not outcome:
+        return None
+    status = outcome[0].text(i, MAX_SOURCE_TEXT)
+    if not status or status == SUCCESS:
+        return None
+    error = outcome[1].text(i, MAX_SOURCE_TEXT) if len(outcome) > 1 else None
+    text = f"the shard's status column says {status!r}; error_message: {error or '(none)'}"
+    return text + (f" ({size:,} bytes in the image column not read)" if size else "")
 
 
 def _lost(path: str, rel: str, at: int, count: int, reason: str, why: str) -> dict:
@@ -215,7 +306,14 @@ def _lost(path: str, rel: str, at: int, count: int, reason: str, why: str) -> di
 
 
 def _row(
-    path: str, rel: str, row: int, ids: ColumnValues | None, images: ColumnValues, i: int, max_bytes: int
+    path: str,
+    rel: str,
+    row: int,
+    ids: ColumnValues | None,
+    images: ColumnValues,
+    i: int,
+    max_bytes: int,
+    failure: str | None = None,
 ) -> SourceImage | dict:
     uri = f"{path}#row={row}"
     fallback = f"{rel}#row={row}"
@@ -229,6 +327,8 @@ def _row(
     if isinstance(key, bytes):
         key = key.decode("utf-8", errors="replace")
     rid = storage.safe_text(str(key)) if key is not None and str(key) != "" else fallback
+    if failure is not None:
+        return common.record_error(rid, uri, reasons.SOURCE_FAILED, failure)
     size = images.size(i)
     if not size:
         return common.record_error(rid, uri, reasons.EMPTY_FILE, "the image column is null or empty in this row")

@@ -9,10 +9,15 @@ ReadFromTFRecord, which stop the job on the first bad byte) lets us keep going
 past a record whose data fails its checksum (its length was checked, so the next
 frame is found), and say exactly where a truncated or damaged shard stops.
 Memory holds one record at a time.
+
+img2dataset writes its records with features `key` and `jpg` (or `png`, `webp`: its
+--encode_format) instead of `image/id` and `image/encoded`. A record is read that way
+only where the default image feature would find nothing (`img2dataset_features`).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterator
 
@@ -21,7 +26,12 @@ from pipeline.formats import common
 from pipeline.formats.example_proto import parse_example
 from pipeline.records import SourceImage
 
+log = logging.getLogger(__name__)
+
 COMPRESSIONS = ("auto", "gzip", "none")
+DEFAULT_KEY, DEFAULT_IMAGE = "image/id", "image/encoded"
+# img2dataset's TFRecordSampleWriter: `key` (bytes) and the image under its --encode_format's name.
+PEER_KEY, PEER_IMAGES = "key", ("jpg", "png", "webp")
 _HEADER = 12  # uint64 length + uint32 crc of it
 _FOOTER = 4
 _EXAMPLE_SLACK = 1 << 20  # room for the other features of an Example beyond the image bytes
@@ -73,8 +83,8 @@ def read_tfrecord(
     path: str,
     rel: str,
     *,
-    key_feature: str = "image/id",
-    image_feature: str = "image/encoded",
+    key_feature: str = DEFAULT_KEY,
+    image_feature: str = DEFAULT_IMAGE,
     compression: str = "auto",
     max_bytes: int,
 ) -> Iterator[SourceImage | dict]:
@@ -85,6 +95,8 @@ def read_tfrecord(
     checksum or does not parse is one `corrupt_record` row and the shard goes on;
     a broken length header or a cut-off frame ends the shard with one
     `truncated_shard` row naming the record index and byte offset.
+    With the default image feature, a record in img2dataset's layout is read from
+    its `key` and `jpg` (`img2dataset_features`); the log says so once per shard.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"tfrecord compression must be one of {COMPRESSIONS}; got {compression!r}")
@@ -95,7 +107,9 @@ def read_tfrecord(
         yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
         return
     path = shown  # from here on the path is only written into uris
-    wanted = frozenset((key_feature, image_feature))
+    peer = image_feature == DEFAULT_IMAGE  # an image feature the user named is never second-guessed
+    wanted = frozenset((key_feature, image_feature) + ((PEER_KEY, *PEER_IMAGES) if peer else ()))
+    told = False
     index = offset = 0
     with raw, handle:
         try:
@@ -129,7 +143,18 @@ def read_tfrecord(
                             f"record {index} at byte {offset:,} fails its data checksum",
                         )
                     else:
-                        yield _record(data, rel, uri, index, key_feature, image_feature, wanted, max_bytes)
+                        item, used = _record(data, rel, uri, index, key_feature, image_feature, wanted, max_bytes)
+                        if used != (key_feature, image_feature) and not told:
+                            told = True
+                            log.info(
+                                "%s: record %d has no %r feature; read in img2dataset's layout: image %r, id %r",
+                                path,
+                                index,
+                                image_feature,
+                                used[1],
+                                used[0],
+                            )
+                        yield item
                 index += 1
                 offset += _HEADER + length + _FOOTER
         except Exception as exc:
@@ -150,6 +175,23 @@ class _Damage(Exception):
     """The framing is broken here: nothing after this point can be located."""
 
 
+def img2dataset_features(features: dict[str, list], key_feature: str, image_feature: str) -> tuple[str, str]:
+    """(key feature, image feature) to read one parsed record with.
+
+    The configured pair, except where the image feature is the default, the record has
+    no such feature, and it has img2dataset's `key` and exactly one of `jpg`, `png`,
+    `webp`: then that one, and `key` unless the record has `key_feature`. So a record
+    that the configured features can read is read as before; only one that would be an
+    `empty_file` row is read from img2dataset's features.
+    """
+    if image_feature != DEFAULT_IMAGE or image_feature in features or PEER_KEY not in features:
+        return key_feature, image_feature
+    images = [name for name in PEER_IMAGES if name in features]
+    if len(images) != 1:
+        return key_feature, image_feature
+    return (key_feature if key_feature in features else PEER_KEY), images[0]
+
+
 def _record(
     data: bytes,
     rel: str,
@@ -159,21 +201,32 @@ def _record(
     image_feature: str,
     wanted: frozenset[str],
     max_bytes: int,
-) -> SourceImage | dict:
+) -> tuple[SourceImage | dict, tuple[str, str]]:
+    """(the image or error row of one record, the (key, image) features it was read with)."""
     fallback = f"{rel}#{index}"
     try:
         features = parse_example(data, wanted)
     except ValueError as exc:
-        return common.record_error(fallback, uri, common.CORRUPT_RECORD, f"not a tf.train.Example: {exc}")
+        error = common.record_error(fallback, uri, common.CORRUPT_RECORD, f"not a tf.train.Example: {exc}")
+        return error, (key_feature, image_feature)
+    used = key_feature, image_feature = img2dataset_features(features, key_feature, image_feature)
     keys = features.get(key_feature) or []
     key = keys[0] if keys else None
     rid = (key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)) if key is not None else ""
     rid = rid or fallback
     images = features.get(image_feature) or []
     if not images or not images[0]:
-        return common.record_error(
-            rid, uri, reasons.EMPTY_FILE, f"record has no {image_feature!r} bytes (features: --tfrecord-image)"
-        )
+        return common.record_error(rid, uri, reasons.EMPTY_FILE, _no_image(image_feature, features)), used
     if len(images[0]) > max_bytes:
-        return common.record_error(rid, uri, reasons.TOO_LARGE, common.too_large_message(len(images[0]), max_bytes))
-    return SourceImage(rid, uri, images[0])
+        too_large = common.too_large_message(len(images[0]), max_bytes)
+        return common.record_error(rid, uri, reasons.TOO_LARGE, too_large), used
+    return SourceImage(rid, uri, images[0]), used
+
+
+def _no_image(image_feature: str, features: dict[str, list]) -> str:
+    """The message of a record without image bytes: what it has instead, and what to do."""
+    if image_feature in features:
+        return f"the record's {image_feature!r} feature holds no bytes"
+    peers = ", ".join(repr(name) for name in PEER_IMAGES if name in features)
+    found = f" (it has {peers})" if peers else ""
+    return f"record has no {image_feature!r} feature{found}: name the image feature with --tfrecord-image"
