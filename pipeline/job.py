@@ -46,6 +46,7 @@ from pipeline.write import WriteEmbeddings, WriteErrors
 
 log = logging.getLogger(__name__)
 
+
 class CountsMismatchError(RuntimeError):
     """The output does not account for every input image."""
 

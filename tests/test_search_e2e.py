@@ -111,7 +111,7 @@ def test_server_on_the_built_index(run, searcher):
         assert r.status_code == 200, r.text
         results = r.json()["results"]
         assert [h["id"] for h in results[:2]] == [run["copy_id"], run["original_id"]]
-        thumb = httpx.get(url + results[1]["thumbnail"])
+        thumb = httpx.get(f"{url}/{results[1]['thumbnail']}")  # links are relative to the server root
         assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
         stats = httpx.get(f"{url}/stats").json()
         assert stats["ntotal"] == 13 and stats["index_type"] == run["meta"]["index_type"]

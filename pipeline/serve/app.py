@@ -28,7 +28,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__, reasons
 from pipeline.index.search import Hit, ModelMismatchError, QueryImageError, Searcher, UnknownIdError
-from pipeline.serve.cli import DEFAULT_MAX_QUERIES
 from pipeline.serve.cors import JsonCORSMiddleware
 from pipeline.serve.errors import ApiError, check_k, error_responses
 from pipeline.serve.limits import (
@@ -36,6 +35,7 @@ from pipeline.serve.limits import (
     DEFAULT_DECODE_MEMORY_MB,
     DEFAULT_DECODE_WAIT,
     DEFAULT_MAX_K,
+    DEFAULT_MAX_QUERIES,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_SERVE_MAX_PIXELS,
 )

@@ -16,6 +16,7 @@ from pipeline.serve.limits import (
     DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_K,
+    DEFAULT_MAX_QUERIES,
     DEFAULT_SERVE_MAX_PIXELS,
     worst_decode_bytes,
 )
@@ -23,7 +24,6 @@ from pipeline.serve.limits import (
 log = logging.getLogger(__name__)
 
 # Vectors or ids in one JSON query: 64 x 2048 floats is ~4 MB of JSON, 64 x k hits to answer.
-DEFAULT_MAX_QUERIES = 64
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
