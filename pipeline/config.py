@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # read.py imports Beam; config stays importable without it
-    from pipeline.read import InputSpec
+from pipeline.inputs import InputSpec
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EMBEDDING_DIM = 2048
 POOLINGS = ("avg", "max")
 RESIZE_MODES = ("squash", "center-crop")
@@ -80,7 +77,7 @@ class ModelConfig:
 class EmbedConfig:
     """Options of `embedpipe embed` that are not Beam pipeline options."""
 
-    input: str | InputSpec
+    input: InputSpec  # a string (a path, glob or comma-separated list) is taken as InputSpec.of(it)
     output: str
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     batch_size: int = 0  # 0: auto (CPU_BATCH_SIZE, or GPU_BATCH_SIZE when the job asks for GPUs)
@@ -99,6 +96,7 @@ class EmbedConfig:
     decode_machine_type: str | None = None  # separate layout on Dataflow: the decode workers' machine type
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "input", InputSpec.of(self.input))
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 1 (or 0 for automatic); got {self.batch_size}")
         if self.decode_threads < 0:

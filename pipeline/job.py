@@ -36,7 +36,7 @@ from pipeline.embed import EmbedImages
 from pipeline.ownership import claim, is_embed_output, staging_name, sweep_staging
 from pipeline.progress import Monitor, Tick, metrics_counts, read_channel
 from pipeline.progress import channel as progress_dir
-from pipeline.read import InputSpec, ReadImages, carries_meta, ids_may_repeat
+from pipeline.read import ReadImages
 from pipeline.records import embeddings_schema
 from pipeline.reuse import PreviousKeys, ReuseUnchanged
 from pipeline.runner import LOCAL_RUNNER, pipeline_options, runs_locally
@@ -102,7 +102,7 @@ def build_embed_pipeline(
     recorded, for nights that trust them).
     """
     p = beam.Pipeline(options=options)
-    schema = embeddings_schema(thumbnails=cfg.thumbnails, meta=carries_meta(cfg.input))
+    schema = embeddings_schema(thumbnails=cfg.thumbnails, meta=cfg.input.carries_meta())
     previous = None
     if previous_files is not None:
         previous = p | "PreviousKeys" >> PreviousKeys(previous_files)
@@ -153,7 +153,7 @@ def build_embed_pipeline(
     # Every image ends as one of these rows: counted as done as it is made (before any grouping).
     rows = rows | "CountDone" >> Tick("done", progress_channel)
     errors = errors | "CountFailed" >> Tick("done", progress_channel)
-    if ids_may_repeat(cfg.input):
+    if cfg.input.ids_may_repeat():
         # Every image ends as exactly one row (embedded or error), so grouping the
         # small rows by id sees every copy; image bytes are never shuffled.
         kept = (rows, errors) | "DedupIds" >> DedupIds()
@@ -215,7 +215,7 @@ def plan_embed(
         "model": cfg.model.fingerprint(),
         "embed_config": {
             **dataclasses.asdict(cfg),
-            "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
+            "input": cfg.input.to_dict(),
         },
         "transforms": describe_pipeline(p),
     }
@@ -274,7 +274,7 @@ def _counter(result, name: str) -> int | None:
 def _manifest(cfg: EmbedConfig, out: str, counts: dict, **fields) -> dict:
     """The manifest of a finished run (everything but the pipeline's own figures comes from cfg)."""
     return {
-        "input": cfg.input.to_dict() if isinstance(cfg.input, InputSpec) else cfg.input,
+        "input": cfg.input.to_dict(),
         "output": out,
         "model": cfg.model.fingerprint(),
         "model_config": {

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 
-from pipeline.formats.common import CORRUPT_RECORD, TRUNCATED_SHARD
+from pipeline.reasons import CORRUPT_RECORD, TRUNCATED_SHARD
 
 FORMATS = ("auto", "files", "tar", "tfrecord", "parquet", "urilist")
 SHARD_FORMATS = ("tar", "tfrecord", "parquet", "urilist")
 META_FORMATS = ("tar",)  # formats whose records can carry `meta`
+# TFRecord options' values and defaults (the input spec and the reader share them).
+TFRECORD_COMPRESSIONS = ("auto", "gzip", "none")
+TFRECORD_KEY, TFRECORD_IMAGE = "image/id", "image/encoded"
 
 _TAR = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$")
 # TFDS names its shards name.tfrecord-00000-of-00010; gzip'd ones often end in .gz
@@ -28,7 +31,17 @@ _TFRECORD_GLOB = re.compile(r"\.(tfrecords?|tfrec)(-[-0-9of*?\[\]]*)?(\.gz|\.gzi
 _PARQUET_GLOB = re.compile(r"\.parquet" + _WILD)
 _GLOB_CHARS = "*?["
 
-__all__ = ["CORRUPT_RECORD", "FORMATS", "META_FORMATS", "SHARD_FORMATS", "TRUNCATED_SHARD", "detect_format"]
+__all__ = [
+    "CORRUPT_RECORD",
+    "FORMATS",
+    "META_FORMATS",
+    "SHARD_FORMATS",
+    "TFRECORD_COMPRESSIONS",
+    "TFRECORD_IMAGE",
+    "TFRECORD_KEY",
+    "TRUNCATED_SHARD",
+    "detect_format",
+]
 
 
 def detect_format(path: str) -> str | None:

@@ -35,13 +35,11 @@ from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import reasons, records, storage
-from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.formats import common, detect_format
+from pipeline.paths import is_glob, is_image_path
 from pipeline.records import SourceImage
 
 log = logging.getLogger(__name__)
-
-GLOB_CHARS = "*?["
 
 # A file modified less than this long before its bytes were read gets no marker: a later
 # rewrite could land in the same timestamp tick (FAT keeps 2 s, HFS+ 1 s, ext4/XFS a kernel
@@ -51,35 +49,6 @@ RACY_SECONDS = 2.0
 
 class ListingError(OSError):
     """A folder that is not listed: a link loop, a second path to a folder already listed, or unreadable."""
-
-
-def is_image_path(path: str) -> bool:
-    """True for the image extensions we embed (case-insensitive)."""
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def is_glob(path: str) -> bool:
-    """True when `path` has a wildcard in it."""
-    return any(c in path for c in GLOB_CHARS)
-
-
-def resolve_input(spec: str) -> tuple[str, str]:
-    """(root, glob pattern) for a directory or a glob; ids are paths relative to root."""
-    spec = spec.rstrip("/") if len(spec) > 1 else spec
-    if is_glob(spec):
-        cut = min(spec.index(c) for c in GLOB_CHARS if c in spec)
-        root = spec[:cut].rsplit("/", 1)[0] if "/" in spec[:cut] else ""
-        return root, spec
-    if _is_single_file(spec):
-        return spec.rsplit("/", 1)[0] if "/" in spec else "", spec
-    return spec, f"{spec}/**"
-
-
-def _is_single_file(spec: str) -> bool:
-    if "://" not in spec:
-        # lexists: a broken link or a FIFO named as the input is one file (one row), not a folder.
-        return os.path.lexists(spec) and not os.path.isdir(spec)
-    return is_image_path(spec)
 
 
 def relative_id(root: str, path: str) -> str:

@@ -12,7 +12,6 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -21,15 +20,14 @@ from apache_beam.metrics import Metrics
 from pipeline import reasons, storage
 from pipeline.bundles import in_global_window
 from pipeline.formats import common, detect_format, matches_format
-from pipeline.formats.files import is_glob, is_image_path, list_local, relative_id, resolve_input
+from pipeline.formats.files import list_local, relative_id
 from pipeline.formats.parquet import read_parquet
 from pipeline.formats.tar import read_tar
 from pipeline.formats.tfrecord import read_tfrecord
 from pipeline.formats.urilist import read_list, read_uri, uri_id, within_roots
+from pipeline.inputs import InputSpec
+from pipeline.paths import is_glob, is_image_path, resolve_input
 from pipeline.records import SourceImage
-
-if TYPE_CHECKING:
-    from pipeline.read import InputSpec
 
 
 class MatchShardsFn(beam.DoFn):

@@ -24,8 +24,8 @@ import tarfile
 from collections.abc import Iterator
 
 from pipeline import reasons, storage
-from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.formats import common
+from pipeline.paths import IMAGE_EXTENSIONS
 from pipeline.records import SourceImage
 
 log = logging.getLogger(__name__)

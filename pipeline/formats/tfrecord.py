@@ -22,14 +22,14 @@ import struct
 from collections.abc import Iterator
 
 from pipeline import reasons, storage
-from pipeline.formats import common
+from pipeline.formats import TFRECORD_COMPRESSIONS, TFRECORD_IMAGE, TFRECORD_KEY, common
 from pipeline.formats.example_proto import parse_example
 from pipeline.records import SourceImage
 
 log = logging.getLogger(__name__)
 
-COMPRESSIONS = ("auto", "gzip", "none")
-DEFAULT_KEY, DEFAULT_IMAGE = "image/id", "image/encoded"
+COMPRESSIONS = TFRECORD_COMPRESSIONS
+DEFAULT_KEY, DEFAULT_IMAGE = TFRECORD_KEY, TFRECORD_IMAGE
 # img2dataset's TFRecordSampleWriter: `key` (bytes) and the image under its --encode_format's name.
 PEER_KEY, PEER_IMAGES = "key", ("jpg", "png", "webp")
 _HEADER = 12  # uint64 length + uint32 crc of it

@@ -1,24 +1,8 @@
-"""The index side of embedpipe: build a FAISS index from embeddings (build, distributed) and query it.
+"""The index side of embedpipe: build a FAISS index from embeddings and query it.
 
-Imports are lazy so that `import pipeline.index.<module>` stays cheap for the CLI.
+Modules: `build` (one process) and `distributed` (a Beam build), `auto` (which index for a corpus
+and a memory budget), `train` and `quality` (sampling, training, tuning), `io` (reading the
+embeddings, writing ids), `loading` and `search` (opening and querying an index directory),
+`query_model` (embedding query images with the index's model). Nothing is imported here, so that
+`import pipeline.index.<module>` loads only what it needs.
 """
-
-from __future__ import annotations
-
-__all__ = ["build_index", "build_index_distributed", "choose_index"]
-
-
-def __getattr__(name: str):
-    if name == "build_index":
-        from pipeline.index.build import build_index
-
-        return build_index
-    if name == "build_index_distributed":
-        from pipeline.index.distributed import build_index_distributed
-
-        return build_index_distributed
-    if name == "choose_index":
-        from pipeline.index.auto import choose_index
-
-        return choose_index
-    raise AttributeError(f"module 'pipeline.index' has no attribute {name!r}")
