@@ -135,27 +135,27 @@ def build_report(
     checks, notes, neighbours = [], [], None
     for night in nights:
         before = previous_of(night, nights)
-        if night.manifest is None or before is None:
+        if night.manifest is None or (before is None and night is not nights[-1]):
             continue
-        if night.manifest.get("model") != before.manifest.get("model"):
+        comparable = before is not None and night.manifest.get("model") == before.manifest.get("model")
+        if before is not None and not comparable:
             checks.append(drift.PairCheck(night.run_id, before.run_id, "model changed", 0, 0))
-            continue
         try:
-            run, previous = drift.RunRows(night.run_dir), drift.RunRows(before.run_dir)
+            run = drift.RunRows(night.run_dir)
+            previous = drift.RunRows(before.run_dir) if comparable else None
             sample = drift.joined_keys(run, previous)
-            checks.append(
-                drift.check_unchanged(
-                    run, previous, sample, names=(night.run_id, before.run_id), tolerance=tolerance, **limits
-                )
-            )
-            if night is nights[-1]:
+            if previous is not None:
+                names = (night.run_id, before.run_id)
+                checks.append(drift.check_unchanged(run, previous, sample, names=names, tolerance=tolerance, **limits))
+            if night is nights[-1]:  # tonight's neighbours: measured even with nothing to compare them with
                 neighbours = drift.neighbour_drift(
                     run, previous, sample, nn_sample=nn_sample, read_budget=limits["read_budget"]
                 )
-                neighbours.previous_run = before.run_id  # named on the page
+                neighbours.previous_run = before.run_id if comparable else None
         except Exception as exc:  # one unreadable run must not hide the rest of the page
-            log.warning("report: drift of %s vs %s not measured: %s", night.run_id, before.run_id, exc)
-            notes.append(f"drift of {night.run_id} vs {before.run_id} not measured: {type(exc).__name__}: {exc}")
+            against = f" vs {before.run_id}" if before else ""
+            log.warning("report: drift of %s%s not measured: %s", night.run_id, against, exc)
+            notes.append(f"drift of {night.run_id}{against} not measured: {type(exc).__name__}: {exc}")
     facts = {
         "root": root.rstrip("/"),
         "latest": _latest(root),

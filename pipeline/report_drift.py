@@ -184,11 +184,15 @@ class Sample:
     fraction: float
 
 
-def joined_keys(run: RunRows, previous: RunRows) -> Sample:
-    """Keys of both runs for the same deterministic subset of ids, joined on id."""
-    fraction = min(1.0, KEY_SAMPLE / max(1, run.rows, previous.rows))
-    mine, theirs = run.keys(fraction), previous.keys(fraction)
-    theirs = theirs.rename_columns(["id", "sha_prev", "position_prev"])
+def joined_keys(run: RunRows, previous: RunRows | None) -> Sample:
+    """Keys of both runs for the same deterministic subset of ids, joined on id (no previous: no pairs)."""
+    fraction = min(1.0, KEY_SAMPLE / max(1, run.rows, previous.rows if previous else 0))
+    mine = run.keys(fraction)
+    if previous is None:
+        theirs = pa.table({"id": pa.array([], pa.string()), "sha_prev": pa.array([], pa.string()),
+                           "position_prev": pa.array([], pa.int64())})  # fmt: skip
+    else:
+        theirs = previous.keys(fraction).rename_columns(["id", "sha_prev", "position_prev"])
     pairs = mine.join(theirs, "id", join_type="inner").sort_by("position")
     alone = mine.join(theirs, "id", join_type="left anti").sort_by("position")
     return Sample(pairs, alone, fraction)
@@ -251,7 +255,7 @@ class NeighbourDrift:
     changed: int  # ... and is another image than last time
     sampled_of: int  # images in tonight's run
     metric: str
-    previous_run: str = ""
+    previous_run: str | None = None
 
 
 def _nearest_other(index_dir: str, ids: list[str], vectors: np.ndarray) -> tuple[np.ndarray, list[str | None], str]:
@@ -277,7 +281,7 @@ def _nearest_other(index_dir: str, ids: list[str], vectors: np.ndarray) -> tuple
 
 def neighbour_drift(
     run: RunRows,
-    previous: RunRows,
+    previous: RunRows | None,
     sample: Sample,
     *,
     nn_sample: int = DEFAULT_NN_SAMPLE,

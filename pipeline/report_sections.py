@@ -171,7 +171,7 @@ def drift_section(checks: list, neighbours, facts: dict) -> str:
             nn_pair_plot(
                 neighbours.tonight,
                 neighbours.previous,
-                ("tonight", f"previous run {neighbours.previous_run}"),
+                ("tonight", f"previous run {neighbours.previous_run or '(none comparable)'}"),
                 neighbours.metric,
             )
             + f'<p id="nn-changed" data-compared="{neighbours.compared}" data-changed="{neighbours.changed}">'
