@@ -198,7 +198,8 @@ def write_run_report(root: str, run_id: str, *, last: int = DEFAULT_LAST) -> tup
 def latest_report_path(path: str) -> str | None:
     """The newest report for a nightly root, a run folder or a run's index folder; None when there is none.
 
-    ROOT -> ROOT/runs/<LATEST>/report.html; RUN_DIR or RUN_DIR/index -> RUN_DIR/report.html.
+    ROOT -> ROOT/runs/<LATEST>/report.html, else the report of the newest run that has one (a night
+    run with --no-report, or whose report failed); RUN_DIR or RUN_DIR/index -> RUN_DIR/report.html.
     """
     base = path.rstrip("/")
     candidates = []
@@ -208,7 +209,14 @@ def latest_report_path(path: str) -> str | None:
     candidates.append(f"{base}/{REPORT_NAME}")
     if base.endswith("/index"):
         candidates.append(f"{base[: -len('/index')]}/{REPORT_NAME}")
-    return next((c for c in candidates if FileSystems.exists(c)), None)
+    found = next((c for c in candidates if FileSystems.exists(c)), None)
+    if found or not latest:
+        return found
+    try:
+        pages = [m.path for m in FileSystems.match([f"{base}/runs/*/{REPORT_NAME}"])[0].metadata_list]
+    except Exception:  # nothing matched, on filesystems that raise for that
+        pages = []
+    return max(pages, key=lambda p: p.rsplit("/", 2)[-2], default=None)
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -155,6 +155,17 @@ def test_cells_find_the_groups_brute_force_finds(tmp_path, factory, exact_max):
     assert result.info["saturated"] >= 3 * 20
 
 
+def test_a_huge_cell_is_searched_in_chunks_with_the_same_groups(tmp_path, monkeypatch):
+    from pipeline.index import duplicates
+
+    # 3,000 vectors in one cell, read 700 at a time by queries of 300: as a cell of millions would be.
+    monkeypatch.setattr(duplicates, "CAND_CHUNK", 700)
+    monkeypatch.setattr(duplicates, "QUERY_ROWS", 300)
+    x, planted = clustered_with_planted(3000, 48, [2, 3, 5, 20])
+    result = find_duplicates(write_index_dir(tmp_path / "index", x), threshold=0.995)
+    assert label_groups(result) == {frozenset(p) for p in planted}
+
+
 def test_union_find_joins_chains_and_cycles():
     a = np.array([0, 1, 2, 5, 6, 7, 9, 9])
     b = np.array([1, 2, 3, 6, 7, 5, 9, 8])

@@ -288,6 +288,11 @@ def test_latest_report_path_finds_the_newest_page(nightly_root, tmp_path):
     assert latest_report_path(str(nightly_root / "runs/r1")) == f"{nightly_root}/runs/r1/report.html"
     assert latest_report_path(str(nightly_root / "runs/r1/index")) == f"{nightly_root}/runs/r1/report.html"
     assert latest_report_path(str(tmp_path)) is None
+    # LATEST names a run without a page (written with --no-report): the newest page there is.
+    root = tmp_path / "root"
+    shutil.copytree(nightly_root, root)
+    (root / "runs/r2/report.html").unlink()
+    assert latest_report_path(str(root)) == f"{root}/runs/r1/report.html"
 
 
 @pytest.mark.slow

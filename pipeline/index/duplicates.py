@@ -7,7 +7,8 @@ Time and memory stay bounded at millions of vectors (docs/DUPLICATES.md):
   (each list against itself and its `probes - 1` nearest lists, by centroid; the list assignment is
   already in the index, so no vector is quantized again), or for other index types a k-means
   partition trained for the purpose. An index of at most `exact_max` vectors is compared exactly,
-  every pair, in blocks. The largest similarity block is `BLOCK_ELEMENTS` scores, never n x n.
+  every pair. FAISS's k-NN keeps only each query's best scores, never an n x n matrix; at most
+  QUERY_ROWS x CAND_CHUNK vectors are decoded at a time.
 - Each vector keeps its `neighbours` closest others (n x k scores and labels). The distribution of
   the closest one drives `--auto`; the pairs above the threshold are the edges of the groups.
 
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PROBES = 4  # cells each vector is compared with: its own and the 3 nearest (see the benchmark)
 DEFAULT_NEIGHBOURS = 16  # closest others kept per vector
 EXACT_MAX = 20_000  # up to this many vectors (non-IVF indexes), every pair is compared
-BLOCK_ELEMENTS = 1 << 21  # similarities computed at once (8 MiB of float32)
+BLOCK_ELEMENTS = 1 << 21  # floats handled at once when assigning cells and scoring groups (8 MiB)
+QUERY_ROWS = 4096  # vectors of a cell searched at once
+CAND_CHUNK = 32_768  # vectors decoded at once as search targets (256 MiB at 2048-d): bounds a huge cell
 MEDOID_MAX = 256  # groups up to this size get the member closest to all others as representative
 LOG_FLOOR = -7.0  # 1 - cos below 1e-7 is float32 rounding: identical vectors
 GROUPS_SCHEMA = pa.schema(
@@ -187,16 +190,22 @@ def _compare_cell(vectors: IndexVectors, part: Partition, cell: int, k: int, sco
     own = part.members[cell]
     if len(own) == 0:
         return
-    cand = np.concatenate([part.members[c] for c in part.probes[cell]])
-    base = vectors.vectors(cand)  # own members come first
-    rows = max(1, BLOCK_ELEMENTS // len(cand))
-    for start in range(0, len(own), rows):
-        mine = own[start : start + rows]
-        d, i = faiss.knn(
-            base[start : start + len(mine)], base, min(k + 1, len(cand)), metric=faiss.METRIC_INNER_PRODUCT
-        )
-        found = np.where(i >= 0, cand[np.maximum(i, 0)], -1)
-        d = np.where((found == mine[:, None]) | (found < 0), -np.inf, d).astype(np.float32)
+    cand = np.concatenate([part.members[c] for c in part.probes[cell]])  # own members come first
+    chunks = [cand[i : i + CAND_CHUNK] for i in range(0, len(cand), CAND_CHUNK)]
+    cached = vectors.vectors(cand) if len(chunks) == 1 else None  # the usual case: decoded once
+    for start in range(0, len(own), QUERY_ROWS):
+        mine = own[start : start + QUERY_ROWS]
+        q = cached[start : start + len(mine)] if cached is not None else vectors.vectors(mine)
+        heap = faiss.ResultHeap(len(mine), min(k + 1, len(cand)), keep_max=True)
+        for chunk in chunks:  # a huge cell (thousands of copies of one image) is read a chunk at a time
+            base = cached if cached is not None else vectors.vectors(chunk)
+            d, i = faiss.knn(q, base, min(k + 1, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(
+                np.ascontiguousarray(d), np.ascontiguousarray(np.where(i >= 0, chunk[np.maximum(i, 0)], -1))
+            )
+        heap.finalize()
+        found = heap.I
+        d = np.where((found == mine[:, None]) | (found < 0), -np.inf, heap.D).astype(np.float32)
         order = np.argsort(-d, axis=1, kind="stable")[:, :k]  # self dropped: the best k others
         top_d = np.take_along_axis(d, order, axis=1)
         scores[mine, : top_d.shape[1]] = top_d
