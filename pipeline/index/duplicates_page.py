@@ -225,5 +225,5 @@ def cmd_duplicates(args: argparse.Namespace, beam_args: list[str]) -> int:
     print(f"  groups    {info['groups']:,} holding {info['grouped_images']:,} images (largest: {largest})")
     print(f"  compared  {info['method']}")
     print(f"  output    {args.output}" + (f"  page {args.html}" if args.html else ""))
-    print(f"  done in   {info['seconds']:.1f}s")
+    print(f"  done in   {info['seconds']:.2f}s")
     return 0
