@@ -18,10 +18,14 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.storage import read_bounded
+
+if TYPE_CHECKING:
+    from pipeline.report_drift import PairCheck
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ class Report:
 
     html: str
     nights: list[Night]
-    checks: list  # report_drift.PairCheck per consecutive pair
+    checks: list[PairCheck]  # one per pair of consecutive runs
     alerts: list[str]
 
     @property

@@ -7,6 +7,7 @@ so what the plots show can be read, copied and checked.
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,6 +25,10 @@ from pipeline.report_plots import (
     timing_plot,
     tuning_plot,
 )
+
+if TYPE_CHECKING:
+    from pipeline.report import Night
+    from pipeline.report_drift import NeighbourDrift, PairCheck
 
 # Worst first: failures that point at the pipeline or lose many images, then bad input files.
 SEVERITY = (
@@ -55,7 +60,7 @@ def _cell(field: str, value, digits: int = 0) -> str:
     return f'<td class="num" data-field="{field}" data-value="{esc(raw)}">{_num(value, digits)}</td>'
 
 
-def alerts_of(nights: list, checks: list) -> list[str]:
+def alerts_of(nights: list[Night], checks: list[PairCheck]) -> list[str]:
     """One line per thing someone should look at today."""
     out = []
     for c in checks:
@@ -84,7 +89,7 @@ def alerts_of(nights: list, checks: list) -> list[str]:
     return out
 
 
-def nights_section(nights: list) -> str:
+def nights_section(nights: list[Night]) -> str:
     """The table of nights and the three per-night figures."""
     rows = []
     for n in nights:
@@ -139,7 +144,7 @@ def nights_section(nights: list) -> str:
     )
 
 
-def drift_section(checks: list, neighbours, facts: dict) -> str:
+def drift_section(checks: list[PairCheck], neighbours: NeighbourDrift | None, facts: dict) -> str:
     """Unchanged-bytes checks per pair of runs, and the nearest-neighbour histogram pair."""
     rows = []
     for c in checks:
@@ -190,7 +195,7 @@ def drift_section(checks: list, neighbours, facts: dict) -> str:
     )
 
 
-def index_section(nights: list) -> str:
+def index_section(nights: list[Night]) -> str:
     """The newest index's facts and its recall-vs-parameter curve."""
     night = next((n for n in reversed(nights) if n.index), None)
     if night is None:
@@ -226,7 +231,7 @@ def index_section(nights: list) -> str:
     )
 
 
-def worst_failures(night, previous) -> list[dict]:
+def worst_failures(night: Night, previous: Night | None) -> list[dict]:
     """Up to WORST error rows of a run: images that were fine last time first, then by severity,
     one per reason before a second of any; each with a stored thumbnail when a run holds one."""
     from pipeline.report_drift import RunRows
@@ -271,7 +276,7 @@ def worst_failures(night, previous) -> list[dict]:
     return chosen
 
 
-def failures_section(nights: list) -> str:
+def failures_section(nights: list[Night]) -> str:
     """The newest night's worst failures."""
     from pipeline.report import previous_of
 
@@ -297,7 +302,9 @@ def failures_section(nights: list) -> str:
     )
 
 
-def render(nights: list, checks: list, neighbours, facts: dict) -> tuple[str, list[str]]:
+def render(
+    nights: list[Night], checks: list[PairCheck], neighbours: NeighbourDrift | None, facts: dict
+) -> tuple[str, list[str]]:
     """(the whole page, its alerts)."""
     alerts = alerts_of(nights, checks)
     flagged = any(c.status == "flagged" for c in checks)

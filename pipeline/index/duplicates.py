@@ -3,12 +3,9 @@ threshold, joined into groups with union-find.
 
 Time and memory stay bounded at millions of vectors (docs/DUPLICATES.md):
 
-- Vectors are compared cell by cell, never all against all: an IVF index's own inverted lists
-  (each list against itself and its `probes - 1` nearest lists, by centroid; the list assignment is
-  already in the index, so no vector is quantized again), or for other index types a k-means
-  partition trained for the purpose. An index of at most `exact_max` vectors is compared exactly,
-  every pair. FAISS's k-NN keeps only each query's best scores, never an n x n matrix; at most
-  QUERY_ROWS x CAND_CHUNK vectors are decoded at a time.
+- Vectors are compared cell by cell: an IVF index's own lists (each against itself and its
+  `probes - 1` nearest lists; no vector is quantized again), else k-means cells, else (at most
+  `exact_max` vectors) every pair. FAISS's k-NN keeps only each query's best scores: no n x n matrix.
 - Each vector keeps its `neighbours` closest others (n x k scores and labels). The distribution of
   the closest one drives `--auto`; the pairs above the threshold are the edges of the groups.
 
@@ -83,11 +80,6 @@ class IndexVectors:
         """Number of vectors."""
         return int(self.index.ntotal)
 
-    @property
-    def lossy(self) -> bool:
-        """True when the index stores compressed codes (scores are then approximate)."""
-        return any(code in str(self.meta.get("factory", "")) for code in ("PQ", "SQ", "LSH"))
-
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         """float32 (len(labels), dim) unit vectors of the labels."""
         labels = np.ascontiguousarray(labels, dtype=np.int64)
@@ -131,11 +123,7 @@ def _cell_neighbours(centroids: np.ndarray, probes: int, metric: int) -> np.ndar
     cells = len(centroids)
     p = max(1, min(probes, cells))
     _, near = faiss.knn(centroids, centroids, min(p + 1, cells), metric=metric)
-    out = np.empty((cells, p), dtype=np.int64)
-    for c in range(cells):
-        rest = [int(x) for x in near[c] if x >= 0 and x != c]
-        out[c] = [c, *rest][:p]
-    return out
+    return np.array([[c, *(int(x) for x in near[c] if x >= 0 and x != c)][:p] for c in range(cells)], np.int64)
 
 
 def partition(vectors: IndexVectors, *, probes: int, exact_max: int, seed: int = 0) -> Partition:
@@ -146,12 +134,8 @@ def partition(vectors: IndexVectors, *, probes: int, exact_max: int, seed: int =
         invlists = ivf.invlists
         members = []
         for cell in range(ivf.nlist):
-            size = invlists.list_size(cell)
-            if size == 0:
-                members.append(np.zeros(0, dtype=np.int64))
-                continue
-            ptr = invlists.get_ids(cell)
-            members.append(faiss.rev_swig_ptr(ptr, size).copy().astype(np.int64))
+            size, ptr = invlists.list_size(cell), invlists.get_ids(cell)
+            members.append(faiss.rev_swig_ptr(ptr, size).astype(np.int64) if size else np.zeros(0, np.int64))
             invlists.release_ids(cell, ptr)
         centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
         near = _cell_neighbours(centroids, probes, ivf.quantizer.metric_type)
@@ -228,8 +212,7 @@ def nearest_others(vectors: IndexVectors, part: Partition, k: int) -> Neighbours
         _compare_cell(vectors, part, cell, k, scores, labels)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, faiss.omp_get_max_threads())) as pool:
-        for done in pool.map(work, range(len(part.members))):
-            del done  # re-raises a worker's error here
+        list(pool.map(work, range(len(part.members))))  # re-raises a worker's error here
     return Neighbours(scores, labels, part.method)
 
 
@@ -267,16 +250,10 @@ def nn_distances(scores: np.ndarray) -> np.ndarray:
 
 
 def choose_threshold(nearest: np.ndarray) -> AutoChoice:
-    """The cosine threshold at the emptiest valley between near-duplicates and ordinary neighbours.
-
-    `nearest` holds each vector's best score. In log10(1 - cos) near-duplicates (re-encodes,
-    resizes, copies) pile up decades closer than the ordinary nearest neighbours of the corpus.
-    The smoothed histogram's valleys below its farthest big peak are scored by their depth
-    (density at the valley over the lower of the two peaks around it); the deepest wins and the
-    threshold goes in the middle of its empty stretch. When no valley is deep (<= 0.3), there is no
-    gap to find: the threshold is then put a decade below the closest 1% of neighbours, and the
-    reason says so.
-    """
+    """The cosine threshold in the emptiest valley of log10(1 - cos) to each vector's closest other
+    (`nearest`: best scores) between near-duplicates and ordinary neighbours; without a valley of
+    depth <= 0.3, a decade below the closest 1% of neighbours, and the reason says there is no gap.
+    docs/DUPLICATES.md has the details."""
     d = nn_distances(nearest)
     if len(d) < 2:
         return AutoChoice(1.0, False, "too few vectors to learn a threshold from: using cos >= 1.0 (identical only)")
@@ -335,11 +312,6 @@ class DuplicateResult:
     threshold: float
     info: dict  # how: threshold, auto reason, counts, timing, nearest-neighbour histogram
 
-    @property
-    def groups(self) -> int:
-        """Number of groups (of 2 or more images)."""
-        return int(self.info["groups"])
-
 
 def _representatives(vectors: IndexVectors, groups: list[np.ndarray], degree: np.ndarray):
     """(representative label, member scores to it) per group: the medoid, or the best-linked member of big groups."""
@@ -351,12 +323,9 @@ def _representatives(vectors: IndexVectors, groups: list[np.ndarray], degree: np
             yield members[rep], sims[rep]
             continue
         rep = int(np.argmax(degree[members]))
-        target = vectors.vectors(members[rep : rep + 1])[0]
-        step = max(1, BLOCK_ELEMENTS // vectors.index.d)
-        yield (
-            members[rep],
-            np.concatenate([vectors.vectors(members[i : i + step]) @ target for i in range(0, len(members), step)]),
-        )
+        target, step = vectors.vectors(members[rep : rep + 1])[0], max(1, BLOCK_ELEMENTS // vectors.index.d)
+        blocks = [vectors.vectors(members[i : i + step]) @ target for i in range(0, len(members), step)]
+        yield members[rep], np.concatenate(blocks)
 
 
 def _groups_table(vectors: IndexVectors, groups: list[np.ndarray], degree: np.ndarray) -> pa.Table:
@@ -430,23 +399,16 @@ def find_duplicates(
         groups = np.split(order, bounds) if len(order) else []
         table = _groups_table(vectors, groups, degree)
         hist, edges = np.histogram(nn_distances(near.scores[:, 0]), bins=np.arange(LOG_FLOOR, 0.45, 0.1))
+        lossy = any(code in str(vectors.meta.get("factory", "")) for code in ("PQ", "SQ", "LSH"))
         info = {
-            "index_dir": index_dir,
-            "factory": vectors.meta.get("factory"),
-            "ntotal": n,
-            "threshold": tau,
-            "auto": choice is not None,
-            "auto_clear": choice.clear if choice else None,
+            "index_dir": index_dir, "factory": vectors.meta.get("factory"), "ntotal": n, "threshold": tau,
+            "auto": choice is not None, "auto_clear": choice.clear if choice else None,
             "reason": choice.reason if choice else f"cos >= {tau:.5f} (--threshold)",
-            "method": near.method,
-            "neighbours": neighbours,
-            "lossy_codes": vectors.lossy,
-            "groups": len(groups),
-            "grouped_images": len(order),
-            "largest_groups": [len(g) for g in groups[:10]],
-            "saturated": int(hit[:, -1].sum()),  # vectors with all k neighbours above the threshold
+            "method": near.method, "neighbours": neighbours, "lossy_codes": lossy,
+            "groups": len(groups), "grouped_images": len(order), "largest_groups": [len(g) for g in groups[:10]],
+            "saturated": int(hit[:, -1].sum()),  # vectors with all k neighbours above the threshold: joined via others
             "nn_log10_histogram": {"edges": [round(e, 2) for e in edges.tolist()], "counts": hist.tolist()},
             "seconds": round(time.perf_counter() - started, 3),
-        }
+        }  # fmt: skip
     log.info("duplicates: %d groups of %d images in %.1fs (%s)", len(groups), len(order), info["seconds"], near.method)
     return DuplicateResult(table, tau, info)
