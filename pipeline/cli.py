@@ -234,6 +234,7 @@ def cmd_nightly(args: argparse.Namespace, beam_args: list[str]) -> int:
         overwrite=args.overwrite,
         lock=not args.no_lock,
         lock_stale_after=args.lock_stale_after,
+        report=not args.no_report,
     )
     if args.dry_run:
         embed_cfg = dataclasses.replace(cfg.embed, output=f"{args.root.rstrip('/')}/runs/<run-id>")
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--recall-floor", type=float, default=0.9, help="refuse to publish an index below this recall@10 (default 0.9)"
     )
+    n.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write runs/<run-id>/report.html after publishing (default: write it; docs/REPORT.md)",
+    )
     nightly.set_defaults(func=cmd_nightly)
 
     from pipeline.index.cli_build import add_index_parser
@@ -348,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_query_parser(sub)
     add_serve_parser(sub)
+    from pipeline.index.duplicates_page import add_duplicates_parser
+    from pipeline.report import add_report_parser
+
+    add_duplicates_parser(sub)
+    add_report_parser(sub)
 
     demo = sub.add_parser(
         "demo",

@@ -76,6 +76,7 @@ class NightlyConfig:
     overwrite: bool = False  # write into a non-empty root (or run folder) embedpipe did not make
     lock: bool = True  # False: the operator makes sure one run at a time uses the root
     lock_stale_after: float = locks.DEFAULT_STALE_AFTER  # gs:// roots: seconds without a heartbeat
+    report: bool = True  # write ROOT/runs/<id>/report.html once the run is published (pipeline/report.py)
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
@@ -290,7 +291,27 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
             if old != run_id:
                 log.warning("embedpipe nightly: pruning run %s (--keep %d)", old, cfg.keep)
                 remove_tree(f"{root}/runs/{old}")
+    if cfg.report:
+        _write_report(root, run_id)
     return manifest
+
+
+def _write_report(root: str, run_id: str) -> None:
+    """The run's report.html. The run is already published: a report that fails is logged, never fatal."""
+    try:
+        from pipeline.report import write_run_report
+
+        path, report = write_run_report(root, run_id)
+    except Exception as exc:
+        log.warning(
+            "embedpipe nightly: run %s is published, but its report could not be written (%s: %s); "
+            "`embedpipe report --root %s` retries it",
+            run_id, type(exc).__name__, exc, root,
+        )  # fmt: skip
+        return
+    for alert in report.alerts:
+        log.warning("embedpipe nightly: report: %s", alert)
+    log.info("embedpipe nightly: report %s", path)
 
 
 def _refuse(run_dir: str, run_id: str, manifest: dict, why: str) -> None:

@@ -1,0 +1,276 @@
+"""`embedpipe report`: one self-contained HTML page over the nightly runs of a root.
+
+Per night: counts, failures by reason, wall time and speed, index type and claimed recall; drift
+between consecutive runs (vectors of unchanged bytes must not move; nearest-neighbour distances
+tonight vs last time); the index's recall-vs-search-parameter curve; the worst failures. Images
+are inline data: URIs and there is no script, so the file opens anywhere, offline.
+
+`embedpipe nightly` writes ROOT/runs/<id>/report.html after publishing each run
+(`write_run_report`); `latest_report_path` finds the newest one for the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.storage import read_bounded
+
+if TYPE_CHECKING:
+    from pipeline.report_drift import PairCheck
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+DEFAULT_LAST = 14
+_JSON_LIMIT = 16 << 20
+
+
+@dataclasses.dataclass
+class Night:
+    """One run folder under ROOT/runs/ and what it says about itself."""
+
+    run_id: str
+    run_dir: str
+    manifest: dict | None
+    index: dict | None  # its index/index.json
+
+    @property
+    def counts(self) -> dict:
+        """The manifest's counts (empty for an unfinished run)."""
+        return (self.manifest or {}).get("counts") or {}
+
+    @property
+    def status(self) -> str:
+        """published / not published / unfinished."""
+        if self.manifest is None:
+            return "unfinished"
+        return "published" if self.manifest.get("published") else "not published"
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        payload = json.loads(read_bounded(path, _JSON_LIMIT).decode("utf-8"))
+    except Exception:  # missing, unreadable or not JSON: the run shows as unfinished
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def load_nights(root: str, *, last: int = DEFAULT_LAST, newest: str | None = None) -> list[Night]:
+    """The last `last` runs under ROOT/runs/ (up to and including `newest`), oldest first.
+
+    Raises:
+        ValueError: the root holds no embedpipe run.
+    """
+    from pipeline.nightly import embedpipe_runs
+
+    root = root.rstrip("/")
+    runs = embedpipe_runs(root)
+    if newest is not None:
+        runs = [r for r in runs if r <= newest]
+    if not runs:
+        raise ValueError(
+            f"{root} holds no embedpipe run (runs/<run-id>/manifest.json); point --root at the --root of "
+            "`embedpipe nightly`"
+        )
+    nights = []
+    for run in runs[-max(1, last) :]:
+        run_dir = f"{root}/runs/{run}"
+        manifest, index = _read_json(f"{run_dir}/manifest.json"), _read_json(f"{run_dir}/index/index.json")
+        nights.append(Night(run, run_dir, manifest, index))
+    return nights
+
+
+def previous_of(night: Night, nights: list[Night]) -> Night | None:
+    """The run this one was compared with at embedding time (its previous_run), else the one before it."""
+    by_id = {n.run_id: n for n in nights}
+    wanted = (night.manifest or {}).get("previous_run")
+    if wanted in by_id:
+        return by_id[wanted]
+    earlier = [n for n in nights if n.run_id < night.run_id and n.manifest is not None]
+    return earlier[-1] if earlier else None
+
+
+@dataclasses.dataclass
+class Report:
+    """A rendered report and what it found."""
+
+    html: str
+    nights: list[Night]
+    checks: list[PairCheck]  # one per pair of consecutive runs
+    alerts: list[str]
+
+    @property
+    def drift_flagged(self) -> bool:
+        """True when vectors of unchanged bytes moved beyond the tolerance between some pair of runs."""
+        return any(c.status == "flagged" for c in self.checks)
+
+
+def build_report(
+    root: str,
+    *,
+    last: int = DEFAULT_LAST,
+    newest: str | None = None,
+    tolerance: float | None = None,
+    check_sample: int | None = None,
+    nn_sample: int | None = None,
+    read_budget: int | None = None,
+) -> Report:
+    """Render the report of ROOT's last `last` runs (ending at `newest`, default the newest run)."""
+    from pipeline import report_drift as drift
+    from pipeline.report_sections import render
+
+    tolerance = drift.DEFAULT_TOLERANCE if tolerance is None else tolerance
+    limits = {
+        "check_sample": check_sample or drift.DEFAULT_CHECK_SAMPLE,
+        "read_budget": read_budget or drift.DEFAULT_READ_BUDGET,
+    }
+    nn_sample = nn_sample or drift.DEFAULT_NN_SAMPLE
+    started = time.perf_counter()
+    nights = load_nights(root, last=last, newest=newest)
+    checks, notes, neighbours = [], [], None
+    for night in nights:
+        before = previous_of(night, nights)
+        if night.manifest is None or (before is None and night is not nights[-1]):
+            continue
+        comparable = before is not None and night.manifest.get("model") == before.manifest.get("model")
+        if before is not None and not comparable:
+            checks.append(drift.PairCheck(night.run_id, before.run_id, "model changed", 0, 0))
+        try:
+            run = drift.RunRows(night.run_dir)
+            previous = drift.RunRows(before.run_dir) if comparable else None
+            sample = drift.joined_keys(run, previous)
+            if previous is not None:
+                names = (night.run_id, before.run_id)
+                checks.append(drift.check_unchanged(run, previous, sample, names=names, tolerance=tolerance, **limits))
+            if night is nights[-1]:  # tonight's neighbours: measured even with nothing to compare them with
+                neighbours = drift.neighbour_drift(
+                    run, previous, sample, nn_sample=nn_sample, read_budget=limits["read_budget"]
+                )
+                neighbours.previous_run = before.run_id if comparable else None
+        except Exception as exc:  # one unreadable run must not hide the rest of the page
+            against = f" vs {before.run_id}" if before else ""
+            log.warning("report: drift of %s%s not measured: %s", night.run_id, against, exc)
+            notes.append(f"drift of {night.run_id}{against} not measured: {type(exc).__name__}: {exc}")
+    facts = {
+        "root": root.rstrip("/"),
+        "latest": _latest(root),
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tolerance": tolerance,
+        "nn_sample": nn_sample,
+        **limits,
+        "notes": notes,
+    }
+    html, alerts = render(nights, checks, neighbours, facts)
+    log.info("report: %d runs, %d drift checks in %.1fs", len(nights), len(checks), time.perf_counter() - started)
+    return Report(html, nights, checks, alerts)
+
+
+def _latest(root: str) -> str | None:
+    from pipeline.nightly import read_latest
+
+    try:
+        return read_latest(root.rstrip("/"))
+    except ValueError:
+        return None
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename into place: readers never see half a page."""
+    tmp = f"{path}.tmp-{time.time_ns()}"
+    with FileSystems.create(tmp) as out:
+        out.write(text.encode("utf-8"))
+    FileSystems.rename([tmp], [path])
+
+
+def write_run_report(root: str, run_id: str, *, last: int = DEFAULT_LAST) -> tuple[str, Report]:
+    """(path, report) of ROOT/runs/<run_id>/report.html, over the `last` runs up to run_id, written atomically."""
+    report = build_report(root, last=last, newest=run_id)
+    path = f"{root.rstrip('/')}/runs/{run_id}/{REPORT_NAME}"
+    write_text_atomic(path, report.html)
+    return path, report
+
+
+def latest_report_path(path: str) -> str | None:
+    """The newest report for a nightly root, a run folder or a run's index folder; None when there is none.
+
+    ROOT -> ROOT/runs/<LATEST>/report.html, else the report of the newest run that has one (a night
+    run with --no-report, or whose report failed); RUN_DIR or RUN_DIR/index -> RUN_DIR/report.html.
+    """
+    base = path.rstrip("/")
+    candidates = []
+    latest = _latest(base) if FileSystems.exists(f"{base}/LATEST") else None
+    if latest:
+        candidates.append(f"{base}/runs/{latest}/{REPORT_NAME}")
+    candidates.append(f"{base}/{REPORT_NAME}")
+    if base.endswith("/index"):
+        candidates.append(f"{base[: -len('/index')]}/{REPORT_NAME}")
+    found = next((c for c in candidates if FileSystems.exists(c)), None)
+    if found or not latest:
+        return found
+    try:
+        pages = [m.path for m in FileSystems.match([f"{base}/runs/*/{REPORT_NAME}"])[0].metadata_list]
+    except Exception:  # nothing matched, on filesystems that raise for that
+        pages = []
+    return max(pages, key=lambda p: p.rsplit("/", 2)[-2], default=None)
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `report` subcommand (func=cmd_report) to the `embedpipe` parser."""
+    from pipeline import report_drift as drift
+
+    p = subparsers.add_parser(
+        "report",
+        help="an HTML report of the nightly runs under a root (counts, failures, drift, recall)",
+        description="Write one self-contained HTML page over the runs under --root: per night what was seen, "
+        "embedded, reused and failed (and why), wall time and speed, index type and recall; whether vectors of "
+        "unchanged images moved between runs; nearest-neighbour distances tonight vs the previous run; the "
+        "index's recall curve; the worst failures. docs/REPORT.md explains every part.",
+    )
+    p.add_argument("--root", required=True, help="run root of `embedpipe nightly` (local, gs://, s3://)")
+    p.add_argument("--output", default=REPORT_NAME, help=f"HTML file to write (default {REPORT_NAME})")
+    p.add_argument("--last", type=int, default=DEFAULT_LAST, help=f"runs to show, newest last (default {DEFAULT_LAST})")
+    p.add_argument(
+        "--drift-tolerance",
+        type=float,
+        default=drift.DEFAULT_TOLERANCE,
+        help="largest relative distance |a - b| / |a| allowed between the vectors of an unchanged image in two "
+        f"runs (default {drift.DEFAULT_TOLERANCE:g})",
+    )
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=drift.DEFAULT_NN_SAMPLE,
+        help=f"images whose nearest neighbour is looked up in both runs (default {drift.DEFAULT_NN_SAMPLE:,})",
+    )
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace, beam_args: list[str]) -> int:
+    """Run `embedpipe report`; errors are one line on stderr and exit 2."""
+    if args.last < 1 or args.sample < 1 or args.drift_tolerance < 0:
+        print("embedpipe report: error: --last and --sample must be >= 1, --drift-tolerance >= 0", file=sys.stderr)
+        return 2
+    if beam_args:
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        FileSystems.set_options(PipelineOptions(beam_args))  # credentials of remote filesystems
+    try:
+        report = build_report(args.root, last=args.last, tolerance=args.drift_tolerance, nn_sample=args.sample)
+        write_text_atomic(args.output, report.html)
+    except (ValueError, OSError) as exc:
+        print(f"embedpipe report: error: {exc}", file=sys.stderr)
+        return 2
+    for alert in report.alerts:
+        print(f"embedpipe report: ALERT: {alert}", file=sys.stderr)
+    print(f"embedpipe report: {len(report.nights)} runs -> {args.output}")
+    return 0
