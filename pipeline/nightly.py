@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
-import re
 import time
 
 import pyarrow.parquet as pq
@@ -37,14 +35,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import lock as locks
 from pipeline.config import EMBEDDING_DIM, EmbedConfig
-from pipeline.job import parquet_files, run_embed, write_json_atomic
-from pipeline.ownership import MARKER_NAME, claim, is_embed_output, remove_tree
-from pipeline.storage import read_bounded
+from pipeline.job import run_embed
+from pipeline.ownership import claim, is_embed_output, remove_tree
+from pipeline.runs import RUN_ID, embedpipe_runs, new_run_id, read_latest, read_manifest
+from pipeline.storage import parquet_files, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a single folder name, never a path
 
 
 class ValidationError(RuntimeError):
@@ -79,84 +75,12 @@ class NightlyConfig:
     report: bool = True  # write ROOT/runs/<id>/report.html once the run is published (pipeline/report.py)
 
 
-def new_run_id(now: datetime.datetime | None = None) -> str:
-    """Sortable UTC timestamp, e.g. 20261128T020000Z."""
-    return (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _read_text(path: str, limit: int = 16 << 20) -> str | None:
-    try:  # regular files only, and bounded: a FIFO or a huge file in the root never hangs a night
-        return read_bounded(path, limit).decode().strip()
-    except Exception:  # missing: no run published yet
-        return None
-
-
-def read_latest(root: str) -> str | None:
-    """The published run id, or None before the first successful night.
-
-    Raises:
-        ValueError: LATEST exists but is unreadable or names no run id (LATEST only moves
-            forward, so a run never guesses what it pointed at).
-    """
-    path = f"{root.rstrip('/')}/LATEST"
-    if not FileSystems.exists(path):
-        return None
-    try:
-        text = read_bounded(path, 4096).decode().strip()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} cannot be read ({exc}); put the published run id in it, or remove it") from exc
-    if text and not RUN_ID.fullmatch(text):
-        raise ValueError(f"{path} holds {text[:80]!r}, not a run id; put the published run id in it, or remove it")
-    return text or None
-
-
-def latest_run_dir(root: str) -> str | None:
-    """ROOT/runs/<LATEST>, the directory readers should use."""
-    run = read_latest(root)
-    return f"{root.rstrip('/')}/runs/{run}" if run else None
-
-
-def _read_manifest(run_dir: str) -> dict | None:
-    text = _read_text(f"{run_dir}/manifest.json")
-    return json.loads(text) if text else None
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{time.time_ns()}"
-    with FileSystems.create(tmp) as out:
-        out.write(text.encode())
-    FileSystems.rename([tmp], [path])
-
-
 def _ids(directory: str) -> set[str]:
     ids: set[str] = set()
     for path in parquet_files(directory):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             ids.update(pq.read_table(handle, columns=["id"]).column("id").to_pylist())
     return ids
-
-
-def _names_run(path: str, run_id: str, **expected) -> bool:
-    try:
-        payload = json.loads(_read_text(path) or "null")
-    except ValueError:
-        return False
-    return isinstance(payload, dict) and payload.get("run_id") == run_id and expected.items() <= payload.items()
-
-
-def embedpipe_runs(root: str) -> list[str]:
-    """Sorted ids of the folders under ROOT/runs/ that are embedpipe runs (manifest or marker names the run)."""
-    prefix, ids = f"{root}/runs/", set()
-    for name, expected in (("manifest.json", {}), (MARKER_NAME, {"kind": "run"})):
-        try:
-            found = FileSystems.match([f"{prefix}*/{name}"])[0].metadata_list
-        except Exception:  # nothing matched, on filesystems that raise for that
-            found = []
-        for m in found:
-            run = m.path[len(prefix) :].split("/", 1)[0]
-            if run not in ids and _names_run(m.path, run, **expected):
-                ids.add(run)
-    return sorted(ids)
 
 
 def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str, recall_floor: float) -> None:
@@ -224,7 +148,7 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
 
     fingerprint = cfg.embed.model.fingerprint()
     previous_dir = f"{root}/runs/{latest}" if latest else None
-    previous = _read_manifest(previous_dir) if previous_dir else None
+    previous = read_manifest(previous_dir) if previous_dir else None
     previous_files = None
     mode = "full"
     if cfg.full:
@@ -341,4 +265,4 @@ def _publish(root: str, run_id: str, run_dir: str, manifest: dict, held, start: 
         wall_seconds=round(time.perf_counter() - start, 3),
     )
     write_json_atomic(f"{run_dir}/manifest.json", manifest)
-    _write_text_atomic(f"{root}/LATEST", run_id + "\n")  # the publish: one rename
+    write_text_atomic(f"{root}/LATEST", run_id + "\n")  # the publish: one rename

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.storage import read_bounded
+from pipeline.runs import Night, load_nights, previous_of
 
 if TYPE_CHECKING:
     from pipeline.report_drift import PairCheck
@@ -31,72 +30,6 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 DEFAULT_LAST = 14
-_JSON_LIMIT = 16 << 20
-
-
-@dataclasses.dataclass
-class Night:
-    """One run folder under ROOT/runs/ and what it says about itself."""
-
-    run_id: str
-    run_dir: str
-    manifest: dict | None
-    index: dict | None  # its index/index.json
-
-    @property
-    def counts(self) -> dict:
-        """The manifest's counts (empty for an unfinished run)."""
-        return (self.manifest or {}).get("counts") or {}
-
-    @property
-    def status(self) -> str:
-        """published / not published / unfinished."""
-        if self.manifest is None:
-            return "unfinished"
-        return "published" if self.manifest.get("published") else "not published"
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        payload = json.loads(read_bounded(path, _JSON_LIMIT).decode("utf-8"))
-    except Exception:  # missing, unreadable or not JSON: the run shows as unfinished
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
-def load_nights(root: str, *, last: int = DEFAULT_LAST, newest: str | None = None) -> list[Night]:
-    """The last `last` runs under ROOT/runs/ (up to and including `newest`), oldest first.
-
-    Raises:
-        ValueError: the root holds no embedpipe run.
-    """
-    from pipeline.nightly import embedpipe_runs
-
-    root = root.rstrip("/")
-    runs = embedpipe_runs(root)
-    if newest is not None:
-        runs = [r for r in runs if r <= newest]
-    if not runs:
-        raise ValueError(
-            f"{root} holds no embedpipe run (runs/<run-id>/manifest.json); point --root at the --root of "
-            "`embedpipe nightly`"
-        )
-    nights = []
-    for run in runs[-max(1, last) :]:
-        run_dir = f"{root}/runs/{run}"
-        manifest, index = _read_json(f"{run_dir}/manifest.json"), _read_json(f"{run_dir}/index/index.json")
-        nights.append(Night(run, run_dir, manifest, index))
-    return nights
-
-
-def previous_of(night: Night, nights: list[Night]) -> Night | None:
-    """The run this one was compared with at embedding time (its previous_run), else the one before it."""
-    by_id = {n.run_id: n for n in nights}
-    wanted = (night.manifest or {}).get("previous_run")
-    if wanted in by_id:
-        return by_id[wanted]
-    earlier = [n for n in nights if n.run_id < night.run_id and n.manifest is not None]
-    return earlier[-1] if earlier else None
 
 
 @dataclasses.dataclass
@@ -175,7 +108,7 @@ def build_report(
 
 
 def _latest(root: str) -> str | None:
-    from pipeline.nightly import read_latest
+    from pipeline.runs import read_latest
 
     try:
         return read_latest(root.rstrip("/"))

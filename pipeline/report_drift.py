@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.job import parquet_files
+from pipeline.storage import parquet_files
 
 DEFAULT_TOLERANCE = 1e-3  # largest |a - b| / |a| allowed between the vectors of unchanged bytes
 DEFAULT_CHECK_SAMPLE = 20_000

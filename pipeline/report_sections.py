@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import reasons
-from pipeline.job import parquet_files
 from pipeline.report_plots import (
     counts_plot,
     esc,
@@ -25,10 +24,11 @@ from pipeline.report_plots import (
     timing_plot,
     tuning_plot,
 )
+from pipeline.storage import parquet_files
 
 if TYPE_CHECKING:
-    from pipeline.report import Night
     from pipeline.report_drift import NeighbourDrift, PairCheck
+    from pipeline.runs import Night
 
 # Worst first: failures that point at the pipeline or lose many images, then bad input files.
 SEVERITY = (
@@ -278,7 +278,7 @@ def worst_failures(night: Night, previous: Night | None) -> list[dict]:
 
 def failures_section(nights: list[Night]) -> str:
     """The newest night's worst failures."""
-    from pipeline.report import previous_of
+    from pipeline.runs import previous_of
 
     night = nights[-1]
     if night.manifest is None:
