@@ -26,6 +26,8 @@ from pipeline.runs import Night, load_nights, previous_of
 if TYPE_CHECKING:
     from pipeline.report_drift import PairCheck
 
+from pipeline.storage import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
@@ -114,14 +116,6 @@ def _latest(root: str) -> str | None:
         return read_latest(root.rstrip("/"))
     except ValueError:
         return None
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename into place: readers never see half a page."""
-    tmp = f"{path}.tmp-{time.time_ns()}"
-    with FileSystems.create(tmp) as out:
-        out.write(text.encode("utf-8"))
-    FileSystems.rename([tmp], [path])
 
 
 def write_run_report(root: str, run_id: str, *, last: int = DEFAULT_LAST) -> tuple[str, Report]:

@@ -141,5 +141,3 @@ def previous_of(night: Night, nights: list[Night]) -> Night | None:
         return by_id[wanted]
     earlier = [n for n in nights if n.run_id < night.run_id and n.manifest is not None]
     return earlier[-1] if earlier else None
-
-

@@ -24,6 +24,7 @@ from pipeline.index.duplicates import (
     DuplicateResult,
     find_duplicates,
 )
+from pipeline.storage import write_text_atomic
 
 DEFAULT_MAX_GROUPS = 100  # groups shown on the page (all of them are in the Parquet)
 DEFAULT_MAX_MEMBERS = 12  # images shown per group
@@ -154,14 +155,6 @@ def render_duplicates_page(
         f"({esc(info.get('factory', '?'))}), largest groups first</p>"
     )
     return page("embedpipe duplicates", header, "".join(alerts) + summary + "".join(sections))
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write text to a temporary name beside `path` and rename it into place (any Beam filesystem)."""
-    tmp = f"{path}.tmp-{time.time_ns()}"
-    with FileSystems.create(tmp) as out:
-        out.write(text.encode("utf-8"))
-    FileSystems.rename([tmp], [path])
 
 
 def add_duplicates_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ from pipeline.serve.memory import BudgetTimeout, DecodeBudget, decode_cost, rele
 from pipeline.serve.metrics import CONTENT_TYPE, ERROR_KEY, MetricsMiddleware, RequestMetrics, render, server_gauges
 from pipeline.serve.middleware import RequestBodyGuard
 from pipeline.serve.models import BatchSearchResponse, Health, SearchResponse, Stats, describe, install_openapi
+from pipeline.serve.pages import add_pages
 from pipeline.serve.queries import JsonQueries, hit_json
 
 # Multipart framing and the small form fields around the file; the file itself is checked exactly.
@@ -79,6 +80,8 @@ def create_app(
     max_queries: int = DEFAULT_MAX_QUERIES,
     cors_origins: list[str] | None = None,
     root_path: str = "",
+    report_root: str | None = None,
+    duplicates: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `searcher`: /, /search, /thumbnail/{id}, /stats, /healthz, /metrics, /openapi.json.
 
@@ -102,6 +105,8 @@ def create_app(
         cors_origins: origins allowed to call the API from a browser (from cors.parse_origins); none: no CORS.
         root_path: the path prefix a reverse proxy serves the app under, for the `servers` of /openapi.json
             (links are relative: the app needs no prefix to work behind the proxy).
+        report_root: nightly root whose newest report /report shows (default: the index's own run, if any).
+        duplicates: groups Parquet (`embedpipe duplicates --output`) that /duplicates renders.
     """
     default_image, default_search = _default_threads()
     image_pool = concurrent.futures.ThreadPoolExecutor(image_threads or default_image, "embedpipe-image")
@@ -335,6 +340,7 @@ def create_app(
         app.add_middleware(JsonCORSMiddleware, origins=cors_origins)
     # Outermost: it sees every answer, CORS preflights and body-limit errors included.
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    add_pages(app, index_dir=searcher.index_dir, report_root=report_root, duplicates=duplicates)
     return app
 
 

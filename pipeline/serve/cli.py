@@ -102,6 +102,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="the path prefix a reverse proxy serves the API under (e.g. /embedpipe), named in /openapi.json's "
         "servers; the page and the links in results are relative and work under any prefix without it",
     )
+    p.add_argument(
+        "--report-root",
+        default=None,
+        metavar="ROOT",
+        help="nightly root whose newest report.html /report shows (default: the run the index belongs to)",
+    )
+    p.add_argument(
+        "--duplicates",
+        default=None,
+        metavar="FILE",
+        help="groups Parquet written by `embedpipe duplicates`, shown at /duplicates",
+    )
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -226,6 +238,8 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
         decode_wait=args.decode_wait,
         body_timeout=args.body_timeout,
         connection_stats=guard.stats,
+        report_root=args.report_root,
+        duplicates=args.duplicates,
         max_queries=args.max_queries,
         cors_origins=cors_origins,
         root_path=args.root_path.rstrip("/"),
