@@ -5,8 +5,8 @@ Usage:
     python benchmarks/bench_embed.py --scenarios fp32 --count 256 --repeat 3
 
 Rows per scenario, all measured in one process on the same corpus:
-  (a)  bare Keras: model.predict_on_batch on already-decoded SxS uint8 batches (the limit
-       the issue names).
+  (a)  bare Keras: model.predict_on_batch on already-decoded SxS uint8 batches (the reference
+       limit).
   (a') the same model compiled the way the pipeline compiles it (tf.function, fixed batch,
        XLA as --jit auto picks it): what the pipeline's inference alone can do.
   (b)  embedpipe: `run_embed` from JPEG files to Parquet on the local FnApiRunner with the
