@@ -54,9 +54,11 @@ WORKDIR /opt/embedpipe
 # against. That keeps the base a plain Debian Python image (Python pinned by its tag, no
 # deadsnakes or source build on top of nvidia/cuda) and the CUDA version in one reviewed file.
 # The NVIDIA driver is not in the image: Dataflow installs it on the VM (install-nvidia-driver)
-# and mounts it into the container. Dependencies first: this layer survives code changes.
-COPY requirements.txt infra/requirements-gpu.txt ./
-RUN pip install --no-cache-dir -r requirements.txt -r requirements-gpu.txt
+# and mounts it into the container. nvImageCodec and nvJPEG (infra/requirements-gpu-decode.txt) decode
+# JPEGs on the GPU (--decode auto picks them where a GPU is visible). Dependencies first: this layer
+# survives code changes.
+COPY requirements.txt infra/requirements-gpu.txt infra/requirements-gpu-decode.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-gpu.txt -r requirements-gpu-decode.txt
 
 COPY setup.py ./
 COPY pipeline ./pipeline

@@ -34,7 +34,7 @@ EXTRAS_REQUIRE = {
     # `embedpipe demo`: the sample corpus is made from photos that ship inside scikit-image
     "demo": ["scikit-image>=0.22"],
     # `--decode gpu`: JPEG decoding on the GPU worker with NVIDIA's nvImageCodec (CUDA 12 builds)
-    "gpu": ["nvidia-nvimgcodec-cu12>=0.9", "nvidia-nvjpeg-cu12>=12.3"],
+    "gpu": ["nvidia-nvimgcodec-cu12>=0.9", "nvidia-nvjpeg-cu12>=12.3"],  # pinned: infra/requirements-gpu-decode.txt
 }
 EXTRAS_REQUIRE["all"] = sorted({r for group in ("serve", "demo", "gpu") for r in EXTRAS_REQUIRE[group]})
 

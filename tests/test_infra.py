@@ -450,3 +450,14 @@ def test_nightly_command_is_what_the_cli_accepts(nightly_argv):
     assert not unknown, f"neither `embedpipe nightly` nor Beam knows {unknown}"
     assert args.require_gpu is True
     assert args.input == REQUIRED_VARS["input"]
+
+
+def test_the_worker_image_installs_the_gpu_decoder_the_tests_run():
+    decode = _pins(INFRA / "requirements-gpu-decode.txt")
+    dev = _pins(ROOT / "requirements-dev.txt")
+    assert set(decode) == {"nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"}
+    assert _pinned_version(decode["nvidia-nvimgcodec-cu12"]) == _pinned_version(dev["nvidia-nvimgcodec-cu12"]), (
+        "the worker image and the tests must run the same nvImageCodec"
+    )
+    runtime = "\n".join(_stages()[[s["name"] for s in _stages()].index("runtime")]["lines"])
+    assert "requirements-gpu-decode.txt" in runtime, "the worker image must install the GPU decoder"
