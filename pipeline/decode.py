@@ -97,6 +97,7 @@ class _DecodeFn(beam.DoFn):
         # thread waits on one result; small enough that only a few source files
         # (each at most --max-bytes) are held at once.
         self._ahead = max(8, 4 * threads)
+        self._slots = decode_slots(threads, self._ahead)
 
     def start_bundle(self) -> None:
         self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -109,13 +110,28 @@ class _DecodeFn(beam.DoFn):
         return beam.pvalue.TaggedOutput("errors", result)
 
     def process(self, image: SourceImage):
-        self._pending.append(self._pool.submit(decode_one, image, self._kwargs))
+        # The slots are the process's: with several bundles at once, source bytes waiting in the pool
+        # stay bounded by one look-ahead, not one per bundle. A slot frees when its decode ends.
+        self._slots.acquire()
+        future = self._pool.submit(decode_one, image, self._kwargs)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append(future)
         while len(self._pending) > self._ahead:
             yield self._emit(self._pending.popleft())
 
     def finish_bundle(self):
         while self._pending:
             yield in_global_window(self._emit(self._pending.popleft()))
+
+
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+os.register_at_fork(after_in_child=_SLOTS.clear)
+
+
+def decode_slots(threads: int, count: int) -> threading.BoundedSemaphore:
+    """The process-wide limit on images submitted to the decode pool of `threads` and not yet decoded."""
+    with _POOLS_LOCK:
+        return _SLOTS.setdefault(threads, threading.BoundedSemaphore(count))
 
 
 def batch_decoder(kwargs: dict, threads: int, device: str):

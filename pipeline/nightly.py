@@ -30,6 +30,8 @@ import datetime
 import logging
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -75,12 +77,24 @@ class NightlyConfig:
     report: bool = True  # write ROOT/runs/<id>/report.html once the run is published (pipeline/report.py)
 
 
-def _ids(directory: str) -> set[str]:
-    ids: set[str] = set()
-    for path in parquet_files(directory):
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            ids.update(pq.read_table(handle, columns=["id"]).column("id").to_pylist())
-    return ids
+def _ids(*directories: str) -> pa.ChunkedArray:
+    """Every id of the Parquet files under the directories, as one Arrow column (no Python strings)."""
+    chunks = []
+    for directory in directories:
+        for path in parquet_files(directory):
+            with FileSystems.open(path, compression_type="uncompressed") as handle:
+                chunks.extend(pq.read_table(handle, columns=["id"]).column("id").chunks)
+    return pa.chunked_array(chunks, type=pa.string())
+
+
+def count_deleted(previous: str, run_dir: str) -> int:
+    """Ids of the previous run's embeddings that are neither embedded nor failed tonight."""
+    before = _ids(f"{previous}/embeddings")
+    if len(before) == 0:
+        return 0
+    now = _ids(f"{run_dir}/embeddings", f"{run_dir}/errors")
+    present = pc.is_in(before, value_set=pc.unique(now).combine_chunks() if len(now) else pa.array([], pa.string()))
+    return int(len(before) - pc.sum(present).as_py())
 
 
 def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str, recall_floor: float) -> None:
@@ -97,7 +111,7 @@ def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str
             kind = parquet.schema_arrow.field("embedding").type
             if getattr(kind, "list_size", None) != EMBEDDING_DIM:
                 raise ValidationError(f"{path}: embedding type {kind}, expected {EMBEDDING_DIM} float32")
-            models = set(parquet.read(columns=["model"]).column("model").to_pylist())
+            models = set(pc.unique(parquet.read(columns=["model"]).column("model")).to_pylist())
             if models - {fingerprint}:
                 raise ValidationError(f"{path}: rows of another model {sorted(models - {fingerprint})}")
             rows += parquet.metadata.num_rows
@@ -180,8 +194,7 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
     )
     deleted = 0
     if previous_dir:
-        now = _ids(f"{run_dir}/embeddings") | _ids(f"{run_dir}/errors")
-        deleted = len(_ids(f"{previous_dir}/embeddings") - now)
+        deleted = count_deleted(previous_dir, run_dir)
     manifest["counts"]["deleted"] = deleted
     manifest["counts"].setdefault("reused_by_marker", 0)  # a full run reuses nothing
     if manifest.get("empty_inputs"):
@@ -214,7 +227,7 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
         for old in embedpipe_runs(root)[: -cfg.keep]:
             if old != run_id:
                 log.warning("embedpipe nightly: pruning run %s (--keep %d)", old, cfg.keep)
-                remove_tree(f"{root}/runs/{old}")
+                remove_tree(f"{root}/runs/{old}", best_effort=True)  # the night is published: never fail it now
     if cfg.report:
         _write_report(root, run_id)
     return manifest

@@ -223,7 +223,13 @@ class Monitor:
             task = bar.add_task(self._label, total=None, rate="")
             while True:
                 stopped = self._stop.wait(0.5)
-                self.last = counts = self._poll()
+                try:
+                    self.last = counts = self._poll()
+                except Exception as exc:  # progress never fails a job, nor stops showing
+                    log.debug("progress: poll failed: %s", exc)
+                    if stopped:
+                        break
+                    continue
                 elapsed = time.monotonic() - self.start_time
                 total = max(counts["listed"], counts["seen"], counts["done"]) or None
                 rate = f"{counts['done'] / elapsed:.1f} img/s" if elapsed > 0 else ""

@@ -5,8 +5,8 @@ called are written to STDERR", "Could not find cuda drivers on your machine" and
 cuInit" straight to file descriptor 2 while it is imported, before its own log level applies,
 and a run prints them once per worker process. `embedpipe` sets `TF_CPP_MIN_LOG_LEVEL` (TF's own
 switch, inherited by local worker processes) unless `-v` is given; `import_tensorflow` then
-imports TensorFlow with descriptor 2 captured and writes back every captured line that is not
-one of those known messages, so nothing else that happened meanwhile is lost.
+imports TensorFlow with descriptor 2 going through a filter that drops only those known
+messages, so nothing else written meanwhile is lost.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 import threading
 
 # Lines TF's native code prints during import on machines without a GPU or with a CPU build.
@@ -33,27 +32,38 @@ def wanted() -> bool:
 
 
 def import_tensorflow():
-    """`import tensorflow`, with its native start-up noise kept off stderr when `wanted()`."""
+    """`import tensorflow`, with its native start-up noise kept off stderr when `wanted()`.
+
+    Descriptor 2 goes to a pipe while TensorFlow imports; a thread forwards every line that is not
+    known noise to the real stderr as it comes, so a crash during the import still shows its message.
+    """
     if "tensorflow" in sys.modules or not wanted():
         import tensorflow as tf
 
         return tf
-    with _LOCK, tempfile.TemporaryFile() as sink:
+    with _LOCK:
         sys.stderr.flush()
         saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
+        read_end, write_end = os.pipe()
+        forward = threading.Thread(target=_forward, args=(read_end, saved), name="embedpipe-quiet", daemon=True)
+        forward.start()
+        os.dup2(write_end, 2)
+        os.close(write_end)
         try:
             import tensorflow as tf
         finally:
             sys.stderr.flush()
-            os.dup2(saved, 2)
+            os.dup2(saved, 2)  # the pipe's last writer is gone: the thread sees the end
+            forward.join(timeout=5)
             os.close(saved)
-            sink.seek(0)
-            kept = [line for line in sink.read().decode(errors="replace").splitlines(True) if not _NOISE.search(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
     return tf
+
+
+def _forward(read_end: int, out: int) -> None:
+    with os.fdopen(read_end, "rb") as lines:
+        for line in lines:
+            if not _NOISE.search(line.decode(errors="replace")):
+                os.write(out, line)
 
 
 def silence_by_default(verbose: bool) -> None:

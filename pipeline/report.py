@@ -26,7 +26,7 @@ from pipeline.runs import Night, load_nights, previous_of
 if TYPE_CHECKING:
     from pipeline.report_drift import PairCheck
 
-from pipeline.storage import write_text_atomic
+from pipeline.storage import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ def build_report(
     started = time.perf_counter()
     nights = load_nights(root, last=last, newest=newest)
     checks, notes, neighbours = [], [], None
+    rows: dict[str, drift.RunRows] = {}  # each run's keys are read once, whichever pair needs them
+
+    def rows_of(night):
+        if night.run_dir not in rows:
+            rows[night.run_dir] = drift.RunRows(night.run_dir)
+        return rows[night.run_dir]
+
     for night in nights:
         before = previous_of(night, nights)
         if night.manifest is None or (before is None and night is not nights[-1]):
@@ -79,13 +86,20 @@ def build_report(
         comparable = before is not None and night.manifest.get("model") == before.manifest.get("model")
         if before is not None and not comparable:
             checks.append(drift.PairCheck(night.run_id, before.run_id, "model changed", 0, 0))
+        settings = {"previous": before.run_id if before else None, "tolerance": tolerance, **limits}
+        cached = _cached_check(night.run_dir, settings) if comparable and night is not nights[-1] else None
+        if cached is not None:  # an earlier night's check: measured when its report was written
+            checks.append(cached)
+            continue
         try:
-            run = drift.RunRows(night.run_dir)
-            previous = drift.RunRows(before.run_dir) if comparable else None
+            run = rows_of(night)
+            previous = rows_of(before) if comparable else None
             sample = drift.joined_keys(run, previous)
             if previous is not None:
                 names = (night.run_id, before.run_id)
-                checks.append(drift.check_unchanged(run, previous, sample, names=names, tolerance=tolerance, **limits))
+                check = drift.check_unchanged(run, previous, sample, names=names, tolerance=tolerance, **limits)
+                checks.append(check)
+                _cache_check(night.run_dir, settings, check)
             if night is nights[-1]:  # tonight's neighbours: measured even with nothing to compare them with
                 neighbours = drift.neighbour_drift(
                     run, previous, sample, nn_sample=nn_sample, read_budget=limits["read_budget"]
@@ -107,6 +121,34 @@ def build_report(
     html, alerts = render(nights, checks, neighbours, facts)
     log.info("report: %d runs, %d drift checks in %.1fs", len(nights), len(checks), time.perf_counter() - started)
     return Report(html, nights, checks, alerts)
+
+
+DRIFT_CACHE = "drift.json"  # a run's check against its previous run, kept beside its report
+
+
+def _cached_check(run_dir: str, settings: dict):
+    """The drift check stored for this run with these settings, or None."""
+    from pipeline import report_drift as drift
+
+    try:
+        stored = read_json(f"{run_dir}/{DRIFT_CACHE}")
+    except ValueError:
+        return None
+    if not isinstance(stored, dict) or stored.get("settings") != settings:
+        return None
+    try:
+        check = dict(stored["check"])
+        check["worst"] = [tuple(w) for w in check.get("worst", [])]
+        return drift.PairCheck(**check)
+    except (KeyError, TypeError):
+        return None
+
+
+def _cache_check(run_dir: str, settings: dict, check) -> None:
+    try:
+        write_json_atomic(f"{run_dir}/{DRIFT_CACHE}", {"settings": settings, "check": dataclasses.asdict(check)})
+    except Exception as exc:  # a read-only root: the check is measured again next time
+        log.debug("report: drift check of %s not cached: %s", run_dir, exc)
 
 
 def _latest(root: str) -> str | None:

@@ -137,7 +137,7 @@ def previous_of(night: Night, nights: list[Night]) -> Night | None:
     """The run this one was compared with at embedding time (its previous_run), else the one before it."""
     by_id = {n.run_id: n for n in nights}
     wanted = (night.manifest or {}).get("previous_run")
-    if wanted in by_id:
+    if wanted in by_id and by_id[wanted].manifest is not None:
         return by_id[wanted]
     earlier = [n for n in nights if n.run_id < night.run_id and n.manifest is not None]
     return earlier[-1] if earlier else None

@@ -182,6 +182,11 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def with_head(head: bytes, stream) -> io.BufferedReader:
+    """A stream that reads `head` (bytes already taken from `stream`'s start) and then the rest of `stream`."""
+    return io.BufferedReader(_Prefixed(head, stream), 1 << 20)
+
+
 def sniff_compression(head: bytes) -> str:
     """'gzip', 'bz2', 'xz' or 'none' from a stream's first bytes."""
     for name, magic in _MAGIC:
@@ -200,7 +205,7 @@ def decompressed(stream, compression: str = "auto") -> tuple[io.BufferedIOBase, 
     if compression == "auto":
         head = stream.read(6)
         compression = sniff_compression(head)
-        stream = io.BufferedReader(_Prefixed(head, stream), 1 << 20)
+        stream = with_head(head, stream)
     if compression == "none":
         return stream, compression
     if compression not in _OPENERS:
@@ -290,14 +295,19 @@ def parquet_files(directory: str) -> list[str]:
 
 
 def replace_parquet_files(src: str, dst: str) -> None:
-    """Replace the Parquet files directly under `dst` with those of `src` (moved, not copied)."""
-    old = parquet_files(dst)
-    if old:
-        FileSystems.delete(old)
+    """Replace the Parquet files directly under `dst` with those of `src` (moved, not copied).
+
+    The new files move in first (replacing files of the same name) and only then are the old
+    ones that remain deleted: a failure part way leaves every row on disk, old or new.
+    """
     mkdirs(dst)
     files = parquet_files(src)
+    moved = [f"{dst.rstrip('/')}/{os.path.basename(f)}" for f in files]
     if files:
-        FileSystems.rename(files, [f"{dst.rstrip('/')}/{os.path.basename(f)}" for f in files])
+        FileSystems.rename(files, moved)
+    stale = sorted(set(parquet_files(dst)) - set(moved))
+    if stale:
+        FileSystems.delete(stale)
 
 
 def remove_tree(path: str, *, best_effort: bool = False) -> None:

@@ -16,6 +16,7 @@ from pipeline import records
 from pipeline.reasons import CORRUPT_RECORD, TRUNCATED_SHARD  # noqa: F401 - re-exported for the readers
 
 STAGE = "read"
+MAX_ID_BYTES = 4096  # an id longer than this is not an id (every format refuses it the same way)
 
 
 def shard_error(rel: str, path: str, position: str, reason: str, message: str) -> dict:

@@ -70,7 +70,11 @@ def _feature_values(feature: memoryview) -> list:
         for item_number, item_wire, item in _fields(kind):
             if item_number != 1:
                 continue
+            # Each list kind has one wire type per item (packed lists: LEN): anything else is damage,
+            # and trusting it would let a 10-byte varint make bytes() allocate gigabytes.
             if number == 1:  # BytesList
+                if item_wire != _LEN:
+                    raise ExampleParseError(f"BytesList item has wire type {item_wire}, not a byte string")
                 values.append(bytes(item))
             elif number == 3:  # Int64List: packed (LEN) or one varint per value
                 if item_wire == _LEN:
@@ -78,13 +82,17 @@ def _feature_values(feature: memoryview) -> list:
                     while pos < len(item):
                         value, pos = _varint(item, pos)
                         values.append(value - (1 << 64) if value >= 1 << 63 else value)
-                else:
+                elif item_wire == _VARINT:
                     values.append(item - (1 << 64) if item >= 1 << 63 else item)
-            elif number == 2:  # FloatList: packed (LEN) or one fixed32 per value
-                if item_wire == _LEN:
-                    values.extend(struct.unpack(f"<{len(item) // 4}f", item))
                 else:
+                    raise ExampleParseError(f"Int64List item has wire type {item_wire}")
+            elif number == 2:  # FloatList: packed (LEN) or one fixed32 per value
+                if item_wire == _LEN and len(item) % 4 == 0:
+                    values.extend(struct.unpack(f"<{len(item) // 4}f", item))
+                elif item_wire == _I32:
                     values.append(struct.unpack("<f", item.to_bytes(4, "little"))[0])
+                else:
+                    raise ExampleParseError(f"FloatList item has wire type {item_wire} or a length not a multiple of 4")
     return values
 
 

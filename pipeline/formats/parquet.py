@@ -37,7 +37,7 @@ BATCH_ROWS = 16  # images per record batch: a few MB for typical photos
 # gigabytes do not.
 ROW_GROUP_FLOOR = 16 * 1024 * 1024
 MAX_RATIO = 32
-MAX_ID_BYTES = 4096  # an id longer than this is not an id
+MAX_ID_BYTES = common.MAX_ID_BYTES
 # img2dataset's per-row outcome (its downloader's schema: `status`, `error_message`, both pa.string()).
 STATUS_COLUMN, MESSAGE_COLUMN, SUCCESS = "status", "error_message", "success"
 MAX_SOURCE_TEXT = 1024  # bytes of a status or error_message copied into our message; a longer one is cut
@@ -88,7 +88,13 @@ class ColumnValues:
             self._values, self._index = array.dictionary, array.indices.to_pylist()
         else:
             self._values, self._index = array, None
-        self._sizes = pc.binary_length(self._values).to_pylist() if _holds_bytes(self._values.type) else None
+        # Sizes stay a numpy array (-1: null): a dictionary read batch by batch grows towards the whole
+        # row group, and turning it into Python objects for every 16-row batch made reading quadratic.
+        self._sizes = (
+            pc.binary_length(self._values).fill_null(-1).to_numpy(zero_copy_only=False)
+            if _holds_bytes(self._values.type)
+            else None
+        )
         self._raw: pa.Array | None = None
         self._texts: dict[tuple[int, int], str] = {}
 
@@ -100,7 +106,10 @@ class ColumnValues:
         at = self._at(row)
         if at is None:
             return None
-        return self._sizes[at] if self._sizes is not None else 0
+        if self._sizes is None:
+            return 0
+        size = int(self._sizes[at])
+        return None if size < 0 else size
 
     def get(self, row: int):
         """The Python value of row `row`."""
@@ -114,7 +123,7 @@ class ColumnValues:
         Each distinct value is decoded once: a status column holds a handful of them.
         """
         at = self._at(row)
-        if at is None or self._sizes is None or self._sizes[at] is None:
+        if at is None or self._sizes is None or self._sizes[at] < 0:
             return None
         if (at, limit) not in self._texts:
             if self._raw is None:  # the same buffers seen as bytes: no copy, and no UTF-8 check to fail
@@ -153,9 +162,22 @@ def _value_type(kind: pa.DataType) -> pa.DataType:
     return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
+_BYTES_TYPES = (
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_binary_view,
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_string_view,
+)
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+
+
 def _holds_bytes(kind: pa.DataType) -> bool:
-    tests = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string)
-    return any(test(kind) for test in tests)
+    return any(test(kind) for test in _BYTES_TYPES)
 
 
 class _Layout(NamedTuple):
@@ -209,7 +231,7 @@ def read_parquet(
             yield common.record_error(rel, path, reasons.UNREADABLE, no_image_column(schema, image_column))
             return
         kind = schema.field(image_column).type
-        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)):
+        if not _is_binary(kind):
             yield common.record_error(
                 rel, path, reasons.UNREADABLE, f"image column {image_column!r} holds {kind}, not binary image bytes"
             )
@@ -225,9 +247,7 @@ def no_image_column(schema: pa.Schema, image_column: str) -> str:
     """The message of a shard without its image column: what it holds instead, and what to do."""
     names = schema.names
     found = f"no image column {image_column!r} in shard (columns: {', '.join(names)})"
-    binary = [
-        n for n in names if pa.types.is_binary(schema.field(n).type) or pa.types.is_large_binary(schema.field(n).type)
-    ]
+    binary = [n for n in names if _is_binary(schema.field(n).type)]
     if binary:
         return f"{found}; binary columns here: {', '.join(map(repr, binary))}: name one with --parquet-image-column"
     if status_columns(schema) and "key" in names:

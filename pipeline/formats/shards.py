@@ -20,7 +20,7 @@ from apache_beam.metrics import Metrics
 from pipeline import reasons, storage
 from pipeline.bundles import in_global_window
 from pipeline.formats import common, detect_format, matches_format
-from pipeline.formats.files import list_local, relative_id
+from pipeline.formats.files import ListingError, list_local, relative_id
 from pipeline.formats.parquet import read_parquet
 from pipeline.formats.tar import read_tar
 from pipeline.formats.tfrecord import read_tfrecord
@@ -49,6 +49,9 @@ class MatchShardsFn(beam.DoFn):
             if is_dir:
                 listed, broken = _match(f"{pattern.rstrip('/')}/**")
                 found = [path for path in listed if matches_format(path, fmt)]
+                # An unreadable entry under a folder is an input only if it is named like one of its shards
+                # (a dangling README link or a lock FIFO there is not); folders not listed always count.
+                broken = [(p, e) for p, e in broken if isinstance(e, ListingError) or matches_format(p, fmt)]
         except Exception as exc:
             yield beam.pvalue.TaggedOutput(
                 "errors",

@@ -34,6 +34,9 @@ IMAGE_FIELDS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 META_FIELDS = ("json", "txt")  # in order of preference
 _BUFSIZE = 1 << 20  # bytes per read from the decompressed stream (tarfile's default is 10 KiB)
 _MAX_META_BYTES = 1 << 20  # a meta member larger than this is not meta; it is skipped
+# A sample is held whole until its key changes: bounded like one image (--max-bytes) plus its meta,
+# whatever its number of members, so that 200 members of one key cannot hold 200 x --max-bytes.
+_MAX_SAMPLE_META_BYTES = 4 * _MAX_META_BYTES
 # tarfile reads a pax or GNU long-name header whole into memory: a forged header size would be a
 # memory bomb, while real ones hold a few names and numbers.
 _MAX_HEADER_BYTES = 1 << 20
@@ -101,6 +104,8 @@ class _Sample:
         self.images: list[tuple[str, str, bytes]] = []  # (member name, stem, bytes)
         self.refused: list[tuple[str, str, str, str]] = []  # (member name, stem, reason, message)
         self.meta: dict[tuple[str, str], str] = {}  # (stem, json|txt) -> text
+        self.held = 0  # image bytes held
+        self.meta_held = 0
 
 
 def read_tar(path: str, rel: str, *, max_bytes: int) -> Iterator[SourceImage | dict]:
@@ -212,8 +217,22 @@ def _take(
             message = common.too_large_message(member.size, max_bytes)
             sample.refused.append((name, stem, reasons.TOO_LARGE, message))
             return
+        if sample.held + member.size > max_bytes:
+            message = (
+                f"sample {sample.key!r} already holds {sample.held:,} bytes of images; with this member's "
+                f"{member.size:,} it would exceed {max_bytes:,} (--max-bytes applies to a whole sample)"
+            )
+            sample.refused.append((name, stem, reasons.TOO_LARGE, message))
+            return
+        sample.held += member.size
         sample.images.append((name, stem, _read_member(archive, member)))
-    elif ext in META_FIELDS and member.size <= _MAX_META_BYTES and (stem, ext) not in sample.meta:
+    elif (
+        ext in META_FIELDS
+        and member.size <= _MAX_META_BYTES
+        and (stem, ext) not in sample.meta
+        and sample.meta_held + member.size <= _MAX_SAMPLE_META_BYTES
+    ):
+        sample.meta_held += member.size
         sample.meta[(stem, ext)] = _read_member(archive, member).decode("utf-8", errors="replace")
 
 

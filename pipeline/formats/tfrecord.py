@@ -68,12 +68,14 @@ def _open(path: str, compression: str):
     inflates no more than each read asks for: a record skipped for its size costs
     decompression time, never its size in memory.
     """
-    if compression == "auto":
-        with storage.open_regular(path) as handle:
-            compression = _sniff_compression(common.read_exact(handle, _HEADER))
-    raw = storage.open_regular(path)
+    raw = storage.open_regular(path)  # one open (one GET on object stores): the sniffed head is put back
     try:
-        return (storage.decompressed(raw, "gzip")[0] if compression == "gzip" else raw), raw, compression
+        stream = raw
+        if compression == "auto":
+            head = common.read_exact(raw, _HEADER)
+            compression = _sniff_compression(head)
+            stream = storage.with_head(head, raw)
+        return (storage.decompressed(stream, "gzip")[0] if compression == "gzip" else stream), raw, compression
     except BaseException:
         raw.close()
         raise
@@ -206,13 +208,16 @@ def _record(
     fallback = f"{rel}#{index}"
     try:
         features = parse_example(data, wanted)
-    except ValueError as exc:
+    except Exception as exc:  # any parse failure is this record's damage: the shard goes on
         error = common.record_error(fallback, uri, common.CORRUPT_RECORD, f"not a tf.train.Example: {exc}")
         return error, (key_feature, image_feature)
     used = key_feature, image_feature = img2dataset_features(features, key_feature, image_feature)
     keys = features.get(key_feature) or []
     key = keys[0] if keys else None
     rid = (key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)) if key is not None else ""
+    if len(rid) > common.MAX_ID_BYTES:
+        message = f"the id feature {key_feature!r} holds {len(rid):,} characters (over {common.MAX_ID_BYTES:,})"
+        return common.record_error(fallback, uri, common.CORRUPT_RECORD, message), used
     rid = rid or fallback
     images = features.get(image_feature) or []
     if not images or not images[0]:

@@ -162,23 +162,19 @@ def _text_entries(lines):
 
 
 def _csv_entries(lines, uri_column: str, id_column: str):
-    problems: list[tuple[int, str]] = []
-
-    def readable():
-        for number, line, problem in lines:
-            if problem:
-                problems.append((number, problem))
-                yield "\n"  # an empty row in its place, so that csv's line count stays true
-            else:
-                yield line
-
-    reader = csv.reader(readable())
+    # Each line is parsed on its own: a URI entry never spans lines, and a stray quote must cost its
+    # own line (an `unreadable` row), not swallow the rest of the list into one open quoted field.
     uri_at, id_at = 0, 1
     first = True
-    for row in reader:
-        while problems:
-            number, problem = problems.pop(0)
+    for number, line, problem in lines:
+        if problem:
             yield f"line={number}", "", None, problem
+            continue
+        try:
+            row = next(csv.reader([line.rstrip("\r\n")], strict=True), [])
+        except csv.Error as exc:
+            yield f"line={number}", "", None, f"line {number} is not a CSV row ({exc}); skipped"
+            continue
         cells = [c.strip() for c in row]
         if first and cells:
             first = False
@@ -193,9 +189,7 @@ def _csv_entries(lines, uri_column: str, id_column: str):
             continue
         uri = cells[uri_at] if uri_at < len(cells) else ""
         rid = cells[id_at] if id_at is not None and id_at < len(cells) else None
-        yield f"line={reader.line_num}", uri, rid, None
-    for number, problem in problems:
-        yield f"line={number}", "", None, problem
+        yield f"line={number}", uri, rid, None
 
 
 def _parquet_entries(handle, uri_column: str, id_column: str):

@@ -33,6 +33,8 @@ _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 Sample = tuple[str, dict[str, str], float]  # (name with its suffix, labels, value)
 
+KNOWN_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+
 
 def format_value(value: float) -> str:
     """A sample value as the format writes it: integers without a fraction, +Inf, -Inf, NaN."""
@@ -264,7 +266,7 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_flight -= 1
             self.metrics.record(
-                scope["method"],
+                scope["method"] if scope["method"] in KNOWN_METHODS else "other",  # clients cannot add series
                 endpoint_of(scope, self.routes),
                 status or 500,
                 scope.get(ERROR_KEY),
