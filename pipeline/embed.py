@@ -36,7 +36,7 @@ def stack_pixels(pixels: list):
     from the GPU decoder are stacked on their device, so they never cross to the host."""
     if all(isinstance(p, np.ndarray) for p in pixels):
         return np.stack(pixels)
-    from pipeline.gpu_decode import stack
+    from pipeline.device_tensors import stack
 
     return stack(pixels)
 
