@@ -32,6 +32,12 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # image files (and records) above this ar
 IMAGENET_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """ValueError unless `value` is one of `choices` (the message names the option and every choice)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything that determines the vector an image gets.
@@ -58,12 +64,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 (ResNet50 downsamples 32x); got {self.image_size}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("precision", self.precision, PRECISIONS)
 
     def resolve(self) -> ModelConfig:
         """This config with the weights file's sha256 filled in (the file is read here); as is otherwise.
@@ -123,10 +126,8 @@ class EmbedConfig:
             raise ValueError(f"decode_threads must be >= 1 (or 0 for one per CPU core); got {self.decode_threads}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1; got {self.max_pixels}")
-        if self.decode not in DECODERS:
-            raise ValueError(f"decode must be one of {', '.join(DECODERS)}; got {self.decode!r}")
-        if self.decode_stage not in DECODE_STAGES:
-            raise ValueError(f"decode_stage must be one of {', '.join(DECODE_STAGES)}; got {self.decode_stage!r}")
+        check_choice("decode", self.decode, DECODERS)
+        check_choice("decode_stage", self.decode_stage, DECODE_STAGES)
         if self.decode_stage == "separate" and self.decode == "gpu":
             raise ValueError(
                 "--decode gpu needs --decode-stage fused: with separate, decoding runs on CPU workers and only "
@@ -150,8 +151,7 @@ class IndexConfig:
     recall_target: float = 0.95  # recall@10 that nprobe / efSearch are tuned to reach
 
     def __post_init__(self) -> None:
-        if self.metric not in INDEX_METRICS:
-            raise ValueError(f"metric must be one of {sorted(INDEX_METRICS)}; got {self.metric!r}")
+        check_choice("metric", self.metric, INDEX_METRICS)
         parse_memory_budget(self.memory_budget)  # a bad size is refused before any work, not after a night's
 
     @property
