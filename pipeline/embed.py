@@ -197,14 +197,15 @@ class EmbedImages(beam.PTransform):
     are emitted from finish_bundle.
 
     Args:
-        cfg: the model (resolved: its fingerprint is stamped on every row without reading the weights).
+        cfg: the model; resolved here, in the driver, if it is not yet (`ModelConfig.resolve`), so that
+            the workers stamp its fingerprint on every row without reading a weights file to name it.
         options: by keyword, those of the DoFn: batch_size and embedded_at (required),
             intra_op_threads, require_gpu, prefetch.
     """
 
     def __init__(self, cfg: ModelConfig, **options: Any) -> None:
         super().__init__()
-        self._fn = _EmbedFn(cfg, **options)
+        self._fn = _EmbedFn(cfg.resolve(), **options)
 
     def expand(self, images):
         return images | "Embed" >> beam.ParDo(self._fn).with_outputs("errors", main="embeddings")

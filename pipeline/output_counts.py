@@ -11,6 +11,7 @@ import datetime
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.runner import PipelineResult
 
 from pipeline import reasons
 from pipeline.storage import parquet_files
@@ -53,7 +54,7 @@ def error_summary(directory: str, *, max_empty: int = 20) -> tuple[dict[str, int
     return dict(sorted(counts.items())), sorted(empty)
 
 
-def beam_counter(result, name: str) -> int | None:
+def beam_counter(result: PipelineResult, name: str) -> int | None:
     """The committed (else attempted) total of the embedpipe/<name> counter of a pipeline result; None if unset."""
     found = result.metrics().query(MetricsFilter().with_namespace("embedpipe").with_name(name))["counters"]
     if not found:

@@ -29,7 +29,7 @@ def add_query_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     what.add_argument("--id", nargs="+", metavar="ID", help="id(s) of items in the index")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per hit and line instead of a table")
-    add_size_limits(p, what="query images", then="are refused")
+    add_size_limits(p, what="query image", then="are refused")
     p.set_defaults(func=cmd_query)
     return p
 

@@ -154,12 +154,13 @@ def input_spec(args: argparse.Namespace) -> InputSpec:
 def add_size_limits(
     group: argparse._ActionsContainer, *, what: str, then: str, max_pixels: int = DEFAULT_MAX_PIXELS, files: bool = True
 ) -> None:
-    """--max-pixels (and with `files`, --max-bytes): `what` above the limit `then` (e.g. "become error rows")."""
+    """--max-pixels (and with `files`, --max-bytes): a `what` (e.g. "query image") above a limit `then` (e.g.
+    "are refused")."""
     group.add_argument(
         "--max-pixels",
         type=int,
         default=max_pixels,
-        help=f"{what} with more pixels (width x height) {then} (default {max_pixels:,})",
+        help=f"{what}s with more pixels (width x height) {then} (default {max_pixels:,})",
     )
     if files:
         group.add_argument(
@@ -190,7 +191,7 @@ def add_execution_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="image decoding threads per worker process (default 0: one per CPU core)",
     )
-    add_size_limits(g, what="images", then="become error rows")
+    add_size_limits(g, what="image", then="become error rows")
     g.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size (slower)")
     g.add_argument(
         "--decode",

@@ -8,6 +8,7 @@ one warning line that says to use `--index-type` (see `deprecations`).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from pipeline.config import INDEX_METRICS, IndexConfig
 from pipeline.index.auto import INDEX_TYPES
@@ -19,12 +20,18 @@ _DEPRECATIONS = "deprecated_options"  # the namespace attribute where used old s
 class DeprecatedAlias(argparse.Action):
     """An old spelling of an option: it sets the new option's value and notes one warning for `deprecations`."""
 
-    def __init__(self, option_strings: list[str], dest: str, *, use: str, **kwargs) -> None:
+    def __init__(self, option_strings: list[str], dest: str, *, use: str, **kwargs: Any) -> None:
         kwargs.setdefault("default", argparse.SUPPRESS)  # the new option's default stands
         super().__init__(option_strings, dest, **kwargs)
         self.use = use
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, values)
         notes = list(getattr(namespace, _DEPRECATIONS, ()))
         note = f"{option_string} is deprecated and will be removed in the next release; use {self.use}"
@@ -79,6 +86,7 @@ def add_index_options(parser: argparse.ArgumentParser, *, seed_alias: bool = Fal
     g.add_argument(
         "--memory-budget",
         default=_DEFAULTS.memory_budget,
+        metavar="SIZE",
         help=f"RAM the finished index may use, e.g. 4GB (10^9 bytes), 8GiB, 512MB (default {_DEFAULTS.memory_budget}); "
         "decides what auto picks and the PQ code size",
     )
@@ -94,6 +102,7 @@ def add_index_options(parser: argparse.ArgumentParser, *, seed_alias: bool = Fal
     g.add_argument(
         "--recall-target",
         type=float,
+        metavar="RECALL",
         default=_DEFAULTS.recall_target,
         help=f"recall@10 that nprobe / efSearch are tuned to reach (default {_DEFAULTS.recall_target})",
     )

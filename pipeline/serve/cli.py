@@ -42,7 +42,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image upload in MiB (default 20)")
-    add_size_limits(p, what="query images", then="are refused", max_pixels=DEFAULT_SERVE_MAX_PIXELS, files=False)
+    add_size_limits(p, what="query image", then="are refused", max_pixels=DEFAULT_SERVE_MAX_PIXELS, files=False)
     p.add_argument(
         "--max-k", type=int, default=DEFAULT_MAX_K, help=f"most neighbours per query (default {DEFAULT_MAX_K})"
     )
