@@ -82,6 +82,41 @@ def test_index_type_is_index_type_and_the_old_index_spelling_still_works_with_on
     assert "--index-type TYPE" in index_help and "deprecated spelling of --index-type" in index_help
 
 
+def test_every_error_class_carries_its_exit_code_and_keeps_its_builtin_base():
+    from pipeline.decode import GpuDecodeUnavailableError
+    from pipeline.errors import EmbedpipeError, UsageError, WeightsUnavailableError
+    from pipeline.index.loading import IndexFormatError
+    from pipeline.index.query_model import ModelMismatchError, QueryImageError
+    from pipeline.index.search import UnknownIdError
+    from pipeline.job import CountsMismatchError
+    from pipeline.lock import LockHeldError, LockLostError
+    from pipeline.nightly import RunIdError, ValidationError
+    from pipeline.ownership import NotOwnedError
+
+    expected = {
+        UsageError: (2, ValueError), NotOwnedError: (2, ValueError), RunIdError: (2, ValueError),
+        GpuDecodeUnavailableError: (2, ValueError), IndexFormatError: (2, ValueError),
+        QueryImageError: (2, ValueError), ModelMismatchError: (2, ValueError), UnknownIdError: (2, KeyError),
+        WeightsUnavailableError: (2, RuntimeError), CountsMismatchError: (1, RuntimeError),
+        ValidationError: (3, RuntimeError), LockLostError: (3, RuntimeError), LockHeldError: (4, RuntimeError),
+    }  # fmt: skip
+    for cls, (code, base) in expected.items():
+        assert issubclass(cls, EmbedpipeError) and issubclass(cls, base), cls
+        assert cls.exit_code == code, cls
+
+
+def test_subcommands_raise_and_main_alone_prints_the_line_and_returns_the_code(tmp_path, capsys):
+    from pipeline.errors import UsageError
+
+    argv = ["query", "--index", str(tmp_path), "--id", "x", "-k", "0"]
+    args, rest = build_parser().parse_known_args(argv)
+    with pytest.raises(UsageError, match="-k must be >= 1"):
+        args.func(args, rest)
+    assert capsys.readouterr().err == ""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "embedpipe query: error: -k must be >= 1; got 0\n"
+
+
 def test_one_line_takes_the_innermost_error_of_a_nested_traceback():
     from pipeline.cli import _one_line
 
