@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import IndexConfig
 from pipeline.index.build import ExactNeighbours, build_index
 from pipeline.index.io import iter_batches, scan_dataset
 from pipeline.index.loading import drop_precomputed_table
@@ -229,7 +230,7 @@ def run(n: int, args: argparse.Namespace) -> list[dict]:
             peak_rss_reset()
             t = time.perf_counter()
             log(f"{kind}: building")
-            meta = build_index(data, f"{work}/{kind}", index=kind, memory_budget=args.memory_budget)
+            meta = build_index(data, f"{work}/{kind}", IndexConfig(index_type=kind, memory_budget=args.memory_budget))
             build_rss = peak_rss()
             log(f"{kind}: built in {time.perf_counter() - t:.0f}s, peak RSS {build_rss / 2**30:.2f} GiB")
             single = args.single_exact if kind == "flat" else args.single

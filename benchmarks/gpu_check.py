@@ -633,13 +633,15 @@ def _gpu_decode_section(args: argparse.Namespace, paths: list[str], runners: dic
 
 
 def _gpu_decode_rows(args, gpu_decode, decoder, sources: list, runners: dict[str, Runner], section: dict) -> None:
+    from pipeline import device_tensors
+
     b, seconds, device = args.batch, args.seconds, decoder.device
 
     def stage(batch: list) -> tuple[Any, int, collections.Counter]:
         """bytes -> one device batch of b images (zero-padded): the decode stage as the pipeline runs it."""
         rows, counts = decoder.decode_counted(batch)
         pixels = [r.pixels for r in rows if not isinstance(r, dict)]
-        return gpu_decode.stack(pixels, b), len(pixels), counts
+        return device_tensors.stack(pixels, b), len(pixels), counts
 
     counts: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
@@ -658,9 +660,9 @@ def _gpu_decode_rows(args, gpu_decode, decoder, sources: list, runners: dict[str
         for batch in _chunks(datas, b, len(datas)):
             decoder._decoder.decode([nv.CodeStream(d) for d in batch], params=decoder._params)
             n += len(batch)
-        gpu_decode.device_synchronize()
+        device_tensors.device_synchronize()
     section["nvimgcodec_img_s"] = n / (time.perf_counter() - t0)
-    section["nvimgcodec_synchronized"] = gpu_decode._cudart() is not None or device == "cpu"
+    section["nvimgcodec_synchronized"] = device_tensors._cudart() is not None or device == "cpu"
     log(f"GPU decode: nvImageCodec batch decode alone {section['nvimgcodec_img_s']:.0f} img/s")
 
     n, t0 = 0, time.perf_counter()
@@ -702,7 +704,7 @@ def _gpu_decode_rows(args, gpu_decode, decoder, sources: list, runners: dict[str
         out = []
         for i in range(0, len(pixels), b):
             part = pixels[i : i + b]
-            x = gpu_decode.stack(part, b)
+            x = device_tensors.stack(part, b)
             out.append(reference.get(reference.infer(x if not isinstance(x, np.ndarray) else reference.put(x))))
             out[-1] = out[-1][: len(part)]
         return np.concatenate(out)

@@ -1,7 +1,7 @@
-"""Options of the embedding job, declared once and passed down to every stage.
+"""Options of the embedding job and of the index, declared once and passed down to every stage.
 
-The dataclass is plain data (picklable, hashable) so that Beam can ship it to
-workers and so that a worker-wide model cache can be keyed on it.
+The dataclasses are plain data (picklable, hashable) so that Beam can ship them to
+workers and so that a worker-wide model cache can be keyed on them.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from pipeline.errors import WeightsUnavailableError
+from pipeline.index.auto import parse_memory_budget
 from pipeline.inputs import InputSpec
 
 EMBEDDING_DIM = 2048
@@ -17,15 +19,23 @@ RESIZE_MODES = ("squash", "center-crop")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECODERS = ("auto", "cpu", "gpu")
 DECODE_STAGES = ("fused", "separate")
+INDEX_METRICS = ("cosine", "l2")
 # Measured: on CPU, batches beyond 32 gain nothing and hold more memory; a GPU
 # needs a few hundred images in flight to stay busy (docs/GPU.md).
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 128
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: bigger than any camera, smaller than a bomb
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # image files (and records) above this are refused
 
 # md5 that Keras itself checks for resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5;
 # it identifies the ImageNet weights without reading (or importing) anything.
 IMAGENET_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """ValueError unless `value` is one of `choices` (the message names the option and every choice)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +43,9 @@ class ModelConfig:
     """Everything that determines the vector an image gets.
 
     Two runs with equal `ModelConfig` (and equal weights bytes) produce identical
-    embeddings; `fingerprint()` names that identity.
+    embeddings; `fingerprint()` names that identity. A weights file is named by its
+    sha256: `resolve()` hashes it once, in the driver, and the config carries the
+    digest to every worker, so nothing downstream reads the file to name it.
     """
 
     image_size: int = 224
@@ -46,24 +58,35 @@ class ModelConfig:
     # off on GPUs). Not part of the fingerprint: it changes speed, not vectors
     # (max relative difference 2e-7 on CPU).
     jit: bool | None = None
+    # sha256 of a weights file given by path, set by resolve(); None for imagenet and random.
+    weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 (ResNet50 downsamples 32x); got {self.image_size}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("precision", self.precision, PRECISIONS)
+
+    def resolve(self) -> ModelConfig:
+        """This config with the weights file's sha256 filled in (the file is read here); as is otherwise.
+
+        Raises:
+            WeightsUnavailableError: the weights file is missing, unreadable or not a regular file.
+        """
+        if self.weights in ("imagenet", "random") or self.weights_sha256 is not None:
+            return self
+        return dataclasses.replace(self, weights_sha256=weights_file_sha256(self.weights))
 
     def weights_id(self) -> str:
-        """A stable name for the weights, computed without TensorFlow."""
+        """A stable name for the weights, computed without TensorFlow (and without reading a resolved file)."""
         if self.weights == "imagenet":
             return f"imagenet-md5:{IMAGENET_NOTOP_MD5}"
         if self.weights == "random":
             return f"random-seed:{self.seed}"
-        return f"sha256:{file_sha256(self.weights)[:16]}"
+        # A config that was not resolved hashes the file on every call: resolve once and pass that on.
+        digest = self.weights_sha256 or weights_file_sha256(self.weights)
+        return f"sha256:{digest[:16]}"
 
     def fingerprint(self) -> str:
         """Identity of the model: vectors with different fingerprints never mix."""
@@ -82,7 +105,7 @@ class EmbedConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     batch_size: int = 0  # 0: auto (CPU_BATCH_SIZE, or GPU_BATCH_SIZE when the job asks for GPUs)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = 256 * 1024 * 1024
+    max_bytes: int = DEFAULT_MAX_BYTES
     draft: bool = True
     thumbnails: bool = False
     intra_op_threads: int = 0  # 0: TensorFlow decides
@@ -103,15 +126,70 @@ class EmbedConfig:
             raise ValueError(f"decode_threads must be >= 1 (or 0 for one per CPU core); got {self.decode_threads}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1; got {self.max_pixels}")
-        if self.decode not in DECODERS:
-            raise ValueError(f"decode must be one of {', '.join(DECODERS)}; got {self.decode!r}")
-        if self.decode_stage not in DECODE_STAGES:
-            raise ValueError(f"decode_stage must be one of {', '.join(DECODE_STAGES)}; got {self.decode_stage!r}")
+        check_choice("decode", self.decode, DECODERS)
+        check_choice("decode_stage", self.decode_stage, DECODE_STAGES)
         if self.decode_stage == "separate" and self.decode == "gpu":
             raise ValueError(
                 "--decode gpu needs --decode-stage fused: with separate, decoding runs on CPU workers and only "
                 "the inference stage has the GPU"
             )
+
+    def resolve(self) -> EmbedConfig:
+        """This config with its model's identity resolved (`ModelConfig.resolve`: a weights file is hashed)."""
+        model = self.model.resolve()
+        return self if model is self.model else dataclasses.replace(self, model=model)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """Which index `embedpipe index` and `embedpipe nightly` build, and how: its defaults, written once."""
+
+    index_type: str = "auto"  # auto | flat | ivf-flat | ivf-sq8 | ivf-pq | hnsw | a raw FAISS factory string
+    metric: str = "cosine"  # cosine (unit vectors, inner product) or l2
+    memory_budget: str | int = "4GB"  # RAM the finished index may use: drives `auto` and the PQ code size
+    seed: int = 0  # seeds the training sample, the held-out queries and k-means
+    recall_target: float = 0.95  # recall@10 that nprobe / efSearch are tuned to reach
+
+    def __post_init__(self) -> None:
+        check_choice("metric", self.metric, INDEX_METRICS)
+        parse_memory_budget(self.memory_budget)  # a bad size is refused before any work, not after a night's
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """The memory budget in bytes."""
+        return parse_memory_budget(self.memory_budget)
+
+
+def weights_file_sha256(path: str) -> str:
+    """sha256 of a weights file (any Beam filesystem); WeightsUnavailableError when it cannot be read."""
+    from pipeline.storage import NotRegularFileError
+
+    try:
+        return file_sha256(path)
+    except NotRegularFileError as exc:
+        raise WeightsUnavailableError(f"weights file {path!r}: {exc}") from exc
+    except Exception as exc:  # missing, unknown scheme, missing credentials, ...
+        if isinstance(exc, FileNotFoundError) or not _exists(path):
+            raise WeightsUnavailableError(missing_weights_message(path)) from exc
+        raise WeightsUnavailableError(f"cannot read weights file {path!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _exists(path: str) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        return FileSystems.exists(path)
+    except Exception:  # an unknown scheme: whatever it names, it cannot be read
+        return False
+
+
+def missing_weights_message(path: str) -> str:
+    """What to say about a --weights PATH that does not exist."""
+    return (
+        f"weights file {path!r} does not exist. --weights takes 'imagenet', 'random' "
+        "or the path of a Keras weights file of the headless ResNet50 "
+        "(a .weights.h5 from model.save_weights, or Keras' *_notop.h5)."
+    )
 
 
 def file_sha256(path: str) -> str:

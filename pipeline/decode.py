@@ -30,6 +30,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.bundles import in_global_window
+from pipeline.errors import UsageError
 from pipeline.gpu_decode import decode_one  # Beam-free home: the GPU check machine has no Beam
 from pipeline.records import DecodedImage, SourceImage
 
@@ -177,7 +178,7 @@ def gpu_decoding(decode: str, *, cpu_backend_ok: bool = False) -> tuple[str | No
     raise GpuDecodeUnavailableError(f"--decode gpu: {why} (use --decode auto or cpu on machines without a GPU)")
 
 
-class GpuDecodeUnavailableError(ValueError):
+class GpuDecodeUnavailableError(UsageError):
     """--decode gpu on a worker where nvImageCodec cannot decode on a GPU."""
 
 

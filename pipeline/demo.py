@@ -8,15 +8,33 @@ import os
 import sys
 
 from pipeline.config import EmbedConfig
+from pipeline.embed_cli import print_summary
+from pipeline.errors import WeightsUnavailableError
+from pipeline.options.embedding import add_model_options, model_config
+from pipeline.options.runner import add_workers_option
 
 _BANNER = "!" * 78
 
 
-def run_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
-    """Make the sample corpus, embed it, print the summary."""
-    from pipeline.cli import model_config, print_summary
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `demo` subcommand (func=cmd_demo) to the `embedpipe` parser."""
+    p = subparsers.add_parser(
+        "demo",
+        help="embed a generated sample corpus (no network, no account)",
+        description="Make a small corpus from photos bundled with scikit-image (plus a few broken "
+        "files), embed it and show the result.",
+    )
+    p.add_argument("--output", default="embedpipe-demo", help="working directory (default ./embedpipe-demo)")
+    p.add_argument("--count", type=int, default=24, help="number of sample images (default 24)")
+    add_workers_option(p)
+    add_model_options(p)
+    p.set_defaults(func=cmd_demo)
+    return p
+
+
+def cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Make the sample corpus, embed it, print the summary, build an index and query it."""
     from pipeline.job import run_embed
-    from pipeline.model import WeightsUnavailableError
     from pipeline.sample import make_corpus
 
     corpus = os.path.join(args.output, "images")
@@ -58,4 +76,3 @@ def run_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
         f"\nnext: embedpipe query --index {os.path.join(out, 'index')} --image {query}\n"
         f"      embedpipe serve --index {os.path.join(out, 'index')}   (then open http://127.0.0.1:8000/)"
     )
-    return 0

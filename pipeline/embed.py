@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import time
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -36,7 +37,7 @@ def stack_pixels(pixels: list):
     from the GPU decoder are stacked on their device, so they never cross to the host."""
     if all(isinstance(p, np.ndarray) for p in pixels):
         return np.stack(pixels)
-    from pipeline.gpu_decode import stack
+    from pipeline.device_tensors import stack
 
     return stack(pixels)
 
@@ -73,6 +74,8 @@ def load_model(cfg: ModelConfig, batch_size: int, *, intra_op_threads: int = 0, 
 
 
 class _EmbedFn(beam.DoFn):
+    """The embed stage's DoFn: batches of the compiled shape, inference of one batch overlapping the next."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -192,27 +195,17 @@ class EmbedImages(beam.PTransform):
 
     Expects the global window (batch pipelines): rows of the last partial batch
     are emitted from finish_bundle.
+
+    Args:
+        cfg: the model; resolved here, in the driver, if it is not yet (`ModelConfig.resolve`), so that
+            the workers stamp its fingerprint on every row without reading a weights file to name it.
+        options: by keyword, those of the DoFn: batch_size and embedded_at (required),
+            intra_op_threads, require_gpu, prefetch.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        *,
-        batch_size: int,
-        embedded_at: datetime.datetime,
-        intra_op_threads: int = 0,
-        require_gpu: bool = False,
-        prefetch: bool = True,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, **options: Any) -> None:
         super().__init__()
-        self._fn = _EmbedFn(
-            cfg,
-            batch_size=batch_size,
-            embedded_at=embedded_at,
-            intra_op_threads=intra_op_threads,
-            require_gpu=require_gpu,
-            prefetch=prefetch,
-        )
+        self._fn = _EmbedFn(cfg.resolve(), **options)
 
     def expand(self, images):
         return images | "Embed" >> beam.ParDo(self._fn).with_outputs("errors", main="embeddings")

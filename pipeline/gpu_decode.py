@@ -3,16 +3,16 @@
 `BatchDecoder.decode(images)` gives, per SourceImage and in order, a DecodedImage whose pixels
 stay on the device (a tensor of the Keras backend) or an error row, with the CPU path's ids,
 sha256, sizes, reasons and messages. Only JPEGs that nvImageCodec decodes under the CPU path's
-rules go to it (`route`, from the header alone); every other image, and every image it fails
+rules go to it (`route` in gpu_routing.py, from the header alone); every other image, and every image it fails
 on, is decoded by `decode_one` (the CPU path), alone. `device="cpu"` runs the same code on
-nvImageCodec's CPU backend: how the tests run it without a GPU. Design: docs/GPU.md.
+nvImageCodec's CPU backend: how the tests run it without a GPU. Device tensors (DLPack, stream
+sync, batches) are in device_tensors.py. Design: docs/GPU.md.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
 import functools
 import hashlib
 import io
@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline import records, resize
-from pipeline.imaging import JPEG_MIN_PIXELS_PER_BYTE, THUMBNAIL_SIZE, DecodeError, _orientation, decode_image
+from pipeline.device_tensors import to_backend
+from pipeline.gpu_routing import Route, route
+from pipeline.imaging import THUMBNAIL_SIZE, DecodeError, decode_image
 from pipeline.records import DecodedImage, SourceImage
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,6 @@ INSTALL_HINT = (
     "install nvImageCodec and nvJPEG for the worker's CUDA: "
     "pip install nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 (CUDA 12) or the -cu13 wheels (CUDA 13)"
 )
-# Frame markers decoded on the device: baseline, extended sequential, progressive (Huffman).
-GPU_FRAME_MARKERS = (0xFFC0, 0xFFC1, 0xFFC2)
 
 
 def _nvimgcodec():
@@ -96,175 +96,6 @@ def decode_one(image: SourceImage, kwargs: dict) -> DecodedImage | dict:
     except DecodeError as exc:
         return records.error_row(image.id, image.uri, "decode", exc.reason, str(exc), sha)
     return DecodedImage(image.id, image.uri, pixels, sha, width, height, image.meta, thumb, marker=image.marker)
-
-
-# ----------------------------------------------------------------------------- routing
-
-
-def jpeg_frame_marker(data: bytes) -> int | None:
-    """The SOFn marker (0xFFC0..0xFFCF) of a JPEG, read from its segment headers; None if not found."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return None
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return 0xFF00 | marker
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if length < 2:
-            return None
-        i += 2 + length
-    return None
-
-
-class Route:
-    """A JPEG the device decodes: its raw (stored) size and EXIF orientation."""
-
-    __slots__ = ("height", "orientation", "width")
-
-    def __init__(self, width: int, height: int, orientation: int) -> None:
-        self.width, self.height, self.orientation = width, height, orientation
-
-    @property
-    def oriented(self) -> tuple[int, int]:
-        """(width, height) as displayed: what the CPU path reports."""
-        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
-
-
-def _stored_as_ycbcr(img: Image.Image) -> bool:
-    """libjpeg's rule for 3 components: JFIF means YCbCr; else an Adobe transform of 0 means RGB;
-    else component ids "R", "G", "B" mean RGB."""
-    if "jfif" in img.info:
-        return True
-    if "adobe" in img.info or "adobe_transform" in img.info:
-        return img.info.get("adobe_transform") != 0
-    return [layer[0] for layer in getattr(img, "layer", [])] != [ord("R"), ord("G"), ord("B")]
-
-
-def route(data: bytes, max_pixels: int) -> Route | str:
-    """Route for the device decoder, or why this image goes to the CPU path (a short tag)."""
-    if not data:
-        return "empty"
-    try:
-        img = Image.open(io.BytesIO(data))  # lazy: parses the header, reads no pixels
-    except Exception:
-        return "not_jpeg"
-    with img:
-        if img.format != "JPEG":  # MPO (a JPEG with more frames) is "MPO": CPU path
-            return "not_jpeg"
-        w, h = img.size
-        if w * h > max_pixels or len(data) * JPEG_MIN_PIXELS_PER_BYTE < w * h:
-            return "limits"  # the CPU path raises the same error before decoding anything
-        if img.mode not in ("RGB", "L"):
-            return "colour"
-        if img.mode == "RGB" and not _stored_as_ycbcr(img):
-            return "colour"
-        if jpeg_frame_marker(data) not in GPU_FRAME_MARKERS:
-            return "coding"
-        if not data.endswith(b"\xff\xd9"):
-            # A cut file: libjpeg (the CPU path) calls it truncated; a GPU decoder may fill in grey.
-            return "no_eoi"
-        return Route(w, h, _orientation(img))
-
-
-# ----------------------------------------------------------------------------- device tensors
-
-
-@functools.lru_cache(maxsize=1)
-def _cudart() -> Any:
-    names = ("libcudart.so", "libcudart.so.13", "libcudart.so.12")
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    try:  # the pip wheels' layouts: nvidia/cuda_runtime/lib (CUDA 12), nvidia/cu13/lib (CUDA 13)
-        import nvidia
-
-        for root in nvidia.__path__:
-            for sub in ("cuda_runtime/lib", "cu13/lib", "cu12/lib"):
-                for name in names[1:]:
-                    path = os.path.join(root, sub, name)
-                    if os.path.exists(path):
-                        return ctypes.CDLL(path)
-    except (ImportError, OSError):
-        pass
-    return None
-
-
-def device_synchronize() -> None:
-    """Wait for all work on the current CUDA device (timing); a no-op without libcudart."""
-    lib = _cudart()
-    if lib is not None:
-        lib.cudaDeviceSynchronize()
-
-
-def _wait_for(image) -> None:
-    """Block until nvImageCodec's work on `image` is done (for consumers that take no stream)."""
-    lib = _cudart()
-    if lib is None:
-        raise RuntimeError("libcudart not found: cannot synchronise nvImageCodec's stream for TensorFlow")
-    status = lib.cudaStreamSynchronize(ctypes.c_void_p(image.cuda_stream))
-    if status != 0:
-        raise RuntimeError(f"cudaStreamSynchronize failed with CUDA error {status}")
-
-
-def to_backend(image, backend: str, host_kind) -> Any:
-    """An nvImageCodec Image -> tensor of the Keras backend, without a copy where the device allows."""
-    if image.buffer_kind == host_kind:
-        from keras import ops
-
-        return ops.convert_to_tensor(np.asarray(image))
-    if backend == "jax":
-        import jax.dlpack
-
-        try:
-            return jax.dlpack.from_dlpack(image)  # __dlpack__ with JAX's stream: ordered after the decode
-        except TypeError:  # a JAX that still takes capsules only
-            _wait_for(image)
-            return jax.dlpack.from_dlpack(image.to_dlpack())
-    if backend == "torch":
-        import torch
-
-        return torch.from_dlpack(image)
-    import tensorflow as tf
-
-    _wait_for(image)  # TensorFlow's DLPack import passes no stream to order against
-    return tf.experimental.dlpack.from_dlpack(image.to_dlpack())
-
-
-def stack(pixels: Sequence[Any], rows: int | None = None) -> Any:
-    """Per-image uint8 (S, S, 3) -> one (N, S, S, 3) batch, zero-padded to `rows` images.
-
-    All numpy: a numpy batch. Otherwise a tensor of the Keras backend, built on its device
-    (numpy images, from the CPU fallback, are copied there).
-    """
-    n = len(pixels)
-    rows = rows or n
-    if all(isinstance(p, np.ndarray) for p in pixels):
-        batch = np.stack(pixels)
-        if rows > n:
-            batch = np.concatenate([batch, np.zeros((rows - n, *batch.shape[1:]), np.uint8)])
-        return batch
-    from keras import ops
-
-    items = [ops.convert_to_tensor(p) for p in pixels]
-    if rows > n:
-        items += [ops.zeros(tuple(items[0].shape), dtype="uint8")] * (rows - n)
-    return ops.stack(items)
-
-
-# ----------------------------------------------------------------------------- the decoder
 
 
 class BatchDecoder:

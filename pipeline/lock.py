@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import BusyError, NotPublishedError
 from pipeline.storage import is_local, safe_text
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ DEFAULT_STALE_AFTER = 2 * 3600.0  # seconds without a heartbeat after which a gs
 HEARTBEAT_SECONDS = 300.0
 
 
-class LockHeldError(RuntimeError):
+class LockHeldError(BusyError):
     """Another nightly run holds the root's lock."""
 
 
-class LockLostError(RuntimeError):
+class LockLostError(NotPublishedError):
     """The lock this run held was broken (its heartbeat was too old) or deleted by someone else."""
 
 

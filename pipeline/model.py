@@ -7,14 +7,17 @@ bytes cross to the accelerator and no caller can forget it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import IMAGENET_NOTOP_MD5, ModelConfig
+from pipeline.config import IMAGENET_NOTOP_MD5, ModelConfig, missing_weights_message
+from pipeline.errors import WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +25,6 @@ IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_NOTOP_FILE
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The requested weights cannot be loaded (offline, missing file, wrong file)."""
 
 
 def configure_tensorflow(*, intra_op_threads: int = 0, require_gpu: bool = False) -> None:
@@ -53,8 +52,15 @@ def configure_tensorflow(*, intra_op_threads: int = 0, require_gpu: bool = False
         )
 
 
-def _local_weights_path(weights: str) -> str:
-    """A local copy of a weights file given as any Beam filesystem path."""
+@contextlib.contextmanager
+def local_weights(weights: str) -> Iterator[str]:
+    """A local path of a weights file (any Beam filesystem) for the duration of the block.
+
+    A local file is used where it is. A remote one is copied to a temporary file, which is
+    deleted when the block ends: Keras has read the weights into the model by then, so a
+    worker process holds no copy afterwards and a worker killed later leaves none behind.
+    Raises WeightsUnavailableError for a missing, unreadable or non-regular file.
+    """
     from apache_beam.io.filesystems import FileSystems
 
     from pipeline.storage import NotRegularFileError, check_regular, open_regular
@@ -64,36 +70,37 @@ def _local_weights_path(weights: str) -> str:
             check_regular(weights)  # a FIFO or device would hang or never end the load
         except NotRegularFileError as exc:
             raise WeightsUnavailableError(f"weights file {weights!r}: {exc}") from exc
-        return weights
-
+        yield weights
+        return
     try:
         exists = FileSystems.exists(weights)
     except Exception as exc:  # unknown scheme, missing credentials, ...
         raise WeightsUnavailableError(f"cannot access weights file {weights!r}: {exc}") from exc
     if not exists:
-        raise WeightsUnavailableError(
-            f"weights file {weights!r} does not exist. --weights takes 'imagenet', 'random' "
-            "or the path of a Keras weights file of the headless ResNet50 "
-            "(a .weights.h5 from model.save_weights, or Keras' *_notop.h5)."
-        )
+        raise WeightsUnavailableError(missing_weights_message(weights))
     suffix = ".weights.h5" if weights.endswith(".weights.h5") else os.path.splitext(weights)[1]
     fd, local = tempfile.mkstemp(suffix=suffix, prefix="embedpipe-weights-")
-    with os.fdopen(fd, "wb") as out, open_regular(weights) as src:
-        for chunk in iter(lambda: src.read(1 << 22), b""):
-            out.write(chunk)
-    return local
+    try:
+        with os.fdopen(fd, "wb") as out, open_regular(weights) as src:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                out.write(chunk)
+        yield local
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(local)
 
 
 def ensure_weights_available(cfg: ModelConfig) -> None:
     """Fail fast, before a job starts, when the weights cannot be had.
 
     For "imagenet" this fetches the file into Keras' cache (~/.keras/models), which
-    local workers then read; a PATH must exist. Raises WeightsUnavailableError.
+    local workers then read; a PATH must be a readable file (`ModelConfig.resolve`, which
+    reads it only when the config is not resolved yet). Raises WeightsUnavailableError.
     """
     if cfg.weights == "random":
         return
     if cfg.weights != "imagenet":
-        _local_weights_path(cfg.weights)
+        cfg.resolve()
         return
     from pipeline.quiet import import_tensorflow
 
@@ -133,14 +140,14 @@ def build_trunk(cfg: ModelConfig) -> Any:
             return keras.applications.ResNet50(weights="imagenet", **kwargs)
         except Exception as exc:
             raise WeightsUnavailableError(_imagenet_message(exc)) from exc
-    path = _local_weights_path(cfg.weights)
     model = keras.applications.ResNet50(weights=None, **kwargs)
-    try:
-        model.load_weights(path)
-    except Exception as exc:
-        raise WeightsUnavailableError(
-            f"weights file {cfg.weights!r} does not fit the headless ResNet50 ({type(exc).__name__}: {exc})"
-        ) from exc
+    with local_weights(cfg.weights) as path:
+        try:
+            model.load_weights(path)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                f"weights file {cfg.weights!r} does not fit the headless ResNet50 ({type(exc).__name__}: {exc})"
+            ) from exc
     return model
 
 

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import lock as locks
-from pipeline.config import EMBEDDING_DIM, EmbedConfig
+from pipeline.config import EMBEDDING_DIM, EmbedConfig, IndexConfig
+from pipeline.errors import NotPublishedError, UsageError
 from pipeline.job import run_embed
 from pipeline.ownership import claim, is_embed_output, remove_tree
 from pipeline.runs import RUN_ID, embedpipe_runs, new_run_id, read_latest, read_manifest
@@ -45,11 +46,11 @@ from pipeline.storage import parquet_files, write_json_atomic, write_text_atomic
 log = logging.getLogger(__name__)
 
 
-class ValidationError(RuntimeError):
+class ValidationError(NotPublishedError):
     """The run is not fit to publish; LATEST stays where it was."""
 
 
-class RunIdError(ValueError):
+class RunIdError(UsageError):
     """A run id that is not a plain name, or that does not sort after the published LATEST."""
 
 
@@ -62,9 +63,7 @@ class NightlyConfig:
     run_id: str | None = None
     full: bool = False
     keep: int = 0  # 0: keep every run
-    index: str = "auto"
-    metric: str = "cosine"
-    memory_budget: str = "4GB"
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)  # what `embedpipe index` would build
     recall_floor: float = 0.9
     workers: int = 1
     require_gpu: bool = False
@@ -136,6 +135,8 @@ def run_nightly(cfg: NightlyConfig, beam_args: list[str] | None = None) -> dict:
         ValidationError: the run is not published (failed checks, lost lock, a later run published first).
     """
     start = time.perf_counter()
+    # The model's identity, once for the whole night: a weights file is hashed here and nowhere else.
+    cfg = dataclasses.replace(cfg, embed=cfg.embed.resolve())
     root = cfg.root.rstrip("/")
     run_id = cfg.run_id or new_run_id()
     if not RUN_ID.fullmatch(run_id):
@@ -202,9 +203,7 @@ def _run_locked(cfg: NightlyConfig, beam_args, root: str, run_id: str, held, sta
         # corpus from LATEST. Checked before the index, which an empty run could not even build.
         _refuse(run_dir, run_id, manifest, f"an input holds no image: {'; '.join(manifest['empty_inputs'])}")
 
-    index_info = build_index(
-        run_dir, f"{run_dir}/index", index=cfg.index, metric=cfg.metric, memory_budget=cfg.memory_budget
-    )
+    index_info = build_index(run_dir, f"{run_dir}/index", cfg.index)
     try:
         validate(run_dir, manifest, index_info, fingerprint=fingerprint, recall_floor=cfg.recall_floor)
     except ValidationError as exc:

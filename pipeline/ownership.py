@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import UsageError
 from pipeline.storage import is_local, read_bounded, remove_tree, safe_text, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _STAMP = "%Y%m%dT%H%M%SZ"
 _KINDS = {"output": "an embed output", "root": "a nightly run root", "run": "a nightly run"}
 
 
-class NotOwnedError(ValueError):
+class NotOwnedError(UsageError):
     """A folder that embedpipe did not write is not empty: nothing is written into it."""
 
 

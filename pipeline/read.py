@@ -22,11 +22,9 @@ whose change marker (size + mtime) equals the previous run's is not read at all
 
 from __future__ import annotations
 
-import argparse
-
 import apache_beam as beam
 
-from pipeline.formats import FORMATS, TFRECORD_COMPRESSIONS, TFRECORD_IMAGE, TFRECORD_KEY
+from pipeline.formats import FORMATS
 from pipeline.formats.files import ListFilesFn, ReadFileFn, relative_id
 from pipeline.formats.shards import CountFn, MatchShardsFn, ReadShardFn, ReadUriFn, to_wire
 from pipeline.inputs import InputSpec, carries_meta, ids_may_repeat, split_paths
@@ -38,89 +36,13 @@ __all__ = [
     "FORMATS",
     "InputSpec",
     "ReadImages",
-    "add_input_arguments",
     "carries_meta",
     "ids_may_repeat",
-    "input_spec_from_args",
     "is_image_path",
     "relative_id",
     "resolve_input",
     "split_paths",
 ]
-
-
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --input-format and the per-format column/feature options (not --input itself)."""
-    g = parser.add_argument_group("input format (docs/INPUT_FORMATS.md)")
-    g.add_argument(
-        "--input-format",
-        choices=FORMATS,
-        default="auto",
-        help="auto (default): from each path's extension (.tar/.tar.gz, .tfrecord[.gz], .parquet, .txt/.csv; "
-        "a directory or anything else is a folder of image files); files: image files under a directory or "
-        "glob; tar: WebDataset shards; tfrecord: tf.train.Example shards; parquet: image bytes in a column; "
-        "urilist: text/CSV/Parquet lists of image URIs",
-    )
-    g.add_argument(
-        "--tfrecord-key",
-        default=TFRECORD_KEY,
-        help="tf.train.Example feature holding the image id, e.g. image/filename (default image/id; "
-        "a record without it gets SHARD#INDEX)",
-    )
-    g.add_argument(
-        "--tfrecord-image",
-        default=TFRECORD_IMAGE,
-        help="feature holding the encoded image (default image/encoded; img2dataset's key/jpg are found without it)",
-    )
-    g.add_argument(
-        "--tfrecord-compression",
-        choices=TFRECORD_COMPRESSIONS,
-        default="auto",
-        help="auto (default): detected per shard from its first bytes; gzip; none",
-    )
-    g.add_argument(
-        "--parquet-image-column", default="jpg", help="binary column with the image bytes (default jpg, as img2dataset)"
-    )
-    g.add_argument(
-        "--parquet-id-column",
-        default="key",
-        help="column with the image id (default key, as img2dataset; without it ids are SHARD#row=N)",
-    )
-    g.add_argument(
-        "--urilist-uri-column",
-        default="uri",
-        help="URI column of CSV/Parquet lists (default uri; url, path also found)",
-    )
-    g.add_argument(
-        "--urilist-id-column",
-        default="id",
-        help="id column of CSV/Parquet lists (default id; without it the id is the URI relative to the input root)",
-    )
-    g.add_argument(
-        "--allow-roots",
-        default="",
-        metavar="PREFIXES",
-        help="comma-separated path prefixes (local folders, gs://bucket/dir, ...) that URI lists may name; a listed "
-        "URI outside them becomes an `unreadable` row (default: any path the worker can read, see "
-        "docs/INPUT_FORMATS.md)",
-    )
-
-
-def input_spec_from_args(args: argparse.Namespace) -> InputSpec:
-    """The InputSpec of parsed arguments: --input (a path, glob, or comma-separated list) and the options above."""
-    raw = args.input
-    return InputSpec(
-        paths=split_paths(raw) if isinstance(raw, str) else tuple(raw),
-        format=args.input_format,
-        tfrecord_key=args.tfrecord_key,
-        tfrecord_image=args.tfrecord_image,
-        tfrecord_compression=args.tfrecord_compression,
-        parquet_image_column=args.parquet_image_column,
-        parquet_id_column=args.parquet_id_column,
-        urilist_uri_column=args.urilist_uri_column,
-        urilist_id_column=args.urilist_id_column,
-        allow_roots=tuple(r.strip() for r in getattr(args, "allow_roots", "").split(",") if r.strip()),
-    )
 
 
 class ReadImages(beam.PTransform):

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import UsageError, refuse_unusable_paths
+from pipeline.options.runner import use_filesystem_options
 from pipeline.runs import Night, load_nights, previous_of
 
 if TYPE_CHECKING:
@@ -224,22 +226,14 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return p
 
 
-def cmd_report(args: argparse.Namespace, beam_args: list[str]) -> int:
-    """Run `embedpipe report`; errors are one line on stderr and exit 2."""
+def cmd_report(args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Run `embedpipe report`: write the page, print its alerts; a root or output that cannot be used raises."""
     if args.last < 1 or args.sample < 1 or args.drift_tolerance < 0:
-        print("embedpipe report: error: --last and --sample must be >= 1, --drift-tolerance >= 0", file=sys.stderr)
-        return 2
-    if beam_args:
-        from apache_beam.options.pipeline_options import PipelineOptions
-
-        FileSystems.set_options(PipelineOptions(beam_args))  # credentials of remote filesystems
-    try:
+        raise UsageError("--last and --sample must be >= 1, --drift-tolerance >= 0")
+    use_filesystem_options(beam_args)  # credentials of remote filesystems
+    with refuse_unusable_paths():
         report = build_report(args.root, last=args.last, tolerance=args.drift_tolerance, nn_sample=args.sample)
         write_text_atomic(args.output, report.html)
-    except (ValueError, OSError) as exc:
-        print(f"embedpipe report: error: {exc}", file=sys.stderr)
-        return 2
     for alert in report.alerts:
         print(f"embedpipe report: ALERT: {alert}", file=sys.stderr)
     print(f"embedpipe report: {len(report.nights)} runs -> {args.output}")
-    return 0

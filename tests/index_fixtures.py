@@ -1,8 +1,9 @@
-"""Small index directories for the search side's tests, written with FAISS directly.
+"""Small index directories for the search side's tests, written with FAISS directly, and embeddings datasets.
 
 They follow the index directory contract of DESIGN.md (index.faiss, ids.parquet,
 index.json) so the Searcher tests do not depend on the index build code; the end
-to end test uses the real `build_index`.
+to end test uses the real `build_index`. `write_embeddings` writes made-up vectors
+as `embedpipe embed` would, for the index build's tests.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from pipeline.config import ModelConfig
 from pipeline.imaging import decode_image
+from pipeline.records import embeddings_schema
 from pipeline.sample import jpeg_bytes, photos
+from pipeline.storage import mkdirs, write_json_atomic
 
 SYNTHETIC_MODEL = "synthetic/test-vectors"
 
@@ -135,6 +139,52 @@ def write_index_dir(
     }
     (out / "index.json").write_text(json.dumps(meta, indent=2))
     return str(out)
+
+
+def write_embeddings(
+    output: str,
+    vectors: np.ndarray,
+    *,
+    model: str,
+    ids: list[str] | None = None,
+    files: int = 1,
+    thumbnails: list[bytes] | None = None,
+    model_config: dict | None = None,
+) -> str:
+    """Write vectors as an embeddings dataset (OUTPUT/embeddings/part-*.parquet + manifest.json).
+
+    The same schema `embedpipe embed` writes, for vectors made up by a test.
+    Returns OUTPUT.
+    """
+    out = output.rstrip("/")
+    n, dim = vectors.shape
+    ids = ids if ids is not None else [f"img-{i:08d}.jpg" for i in range(n)]
+    schema = embeddings_schema(dim, thumbnails=thumbnails is not None)
+    mkdirs(f"{out}/embeddings")
+    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for f in range(files):
+        a, b = bounds[f], bounds[f + 1]
+        columns = {
+            "id": ids[a:b],
+            "uri": [f"file:///corpus/{i}" for i in ids[a:b]],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[a:b].reshape(-1), pa.float32()), dim),
+            "content_sha256": ["0" * 64] * (b - a),
+            "width": pa.array([640] * (b - a), pa.int32()),
+            "height": pa.array([480] * (b - a), pa.int32()),
+            "model": [model] * (b - a),
+            "embedded_at": pa.array([now] * (b - a), pa.timestamp("us", tz="UTC")),
+        }
+        if thumbnails is not None:
+            columns["thumbnail"] = thumbnails[a:b]
+        for field in schema:  # optional columns this writer has no values for (e.g. source_marker)
+            if field.name not in columns and field.nullable:
+                columns[field.name] = pa.nulls(b - a, field.type)
+        table = pa.Table.from_pydict(columns, schema=schema)
+        with FileSystems.create(f"{out}/embeddings/part-{f:05d}-of-{files:05d}.parquet") as handle:
+            pq.write_table(table, handle, row_group_size=2048)
+    write_json_atomic(f"{out}/manifest.json", {"model": model, "model_config": model_config, "embedding_dim": dim})
+    return out
 
 
 def model_config_dict(cfg: ModelConfig) -> dict:

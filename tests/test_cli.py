@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,19 +49,72 @@ def test_bad_option_values_are_clear_errors(capsys, tmp_path):
 
 
 def test_unexpected_errors_are_one_line_and_v_shows_the_traceback(tmp_path, capsys):
-    from pipeline.index.io import write_embeddings
+    from index_fixtures import write_embeddings
 
     data = write_embeddings(str(tmp_path / "data"), np.eye(40, 8, dtype=np.float32) + 1, model="m")
     (tmp_path / "file").write_text("a file, where the index folder's parent should be")
-    argv = ["index", "--embeddings", data, "--output", str(tmp_path / "file" / "ix"), "--index", "flat"]
+    argv = ["index", "--embeddings", data, "--output", str(tmp_path / "file" / "ix"), "--index-type", "flat"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("embedpipe: error: OSError: ") and "Not a directory" in err[0]
+    # OSError or its NotADirectoryError, as the filesystem layer raises it: the type named, on one line
+    assert re.match(r"embedpipe: error: (OSError|NotADirectoryError): ", err[0]) and "Not a directory" in err[0]
     assert err[0].endswith(" (run with -v for the traceback)")
     assert main([*argv, "-v"]) == 1  # -v after the subcommand, where people add it
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "embedpipe: error: OSError: " in err
+    assert "Traceback (most recent call last)" in err
+    assert re.search(r"embedpipe: error: (OSError|NotADirectoryError): ", err)
+
+
+def test_index_type_is_index_type_and_the_old_index_spelling_still_works_with_one_warning(tmp_path, caplog):
+    from index_fixtures import write_embeddings
+
+    data = write_embeddings(str(tmp_path / "data"), np.eye(40, 8, dtype=np.float32) + 1, model="m")
+    argv = ["index", "--embeddings", data, "--memory-budget", "1MB", "--seed", "2"]
+    assert main([*argv, "--output", str(tmp_path / "new"), "--index-type", "hnsw"]) == 0
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert main([*argv, "--output", str(tmp_path / "old"), "--index", "flat", "--index", "hnsw"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == ["--index is deprecated and will be removed in the next release; use --index-type"]
+    for name in ("new", "old"):
+        assert json.loads((tmp_path / name / "index.json").read_text())["index_type"] == "hnsw"
+    index_help = build_parser().commands["index"].format_help()
+    assert "--index-type TYPE" in index_help and "deprecated spelling of --index-type" in index_help
+
+
+def test_every_error_class_carries_its_exit_code_and_keeps_its_builtin_base():
+    from pipeline.decode import GpuDecodeUnavailableError
+    from pipeline.errors import EmbedpipeError, UsageError, WeightsUnavailableError
+    from pipeline.index.loading import IndexFormatError
+    from pipeline.index.query_model import ModelMismatchError, QueryImageError
+    from pipeline.index.search import UnknownIdError
+    from pipeline.job import CountsMismatchError
+    from pipeline.lock import LockHeldError, LockLostError
+    from pipeline.nightly import RunIdError, ValidationError
+    from pipeline.ownership import NotOwnedError
+
+    expected = {
+        UsageError: (2, ValueError), NotOwnedError: (2, ValueError), RunIdError: (2, ValueError),
+        GpuDecodeUnavailableError: (2, ValueError), IndexFormatError: (2, ValueError),
+        QueryImageError: (2, ValueError), ModelMismatchError: (2, ValueError), UnknownIdError: (2, KeyError),
+        WeightsUnavailableError: (2, RuntimeError), CountsMismatchError: (1, RuntimeError),
+        ValidationError: (3, RuntimeError), LockLostError: (3, RuntimeError), LockHeldError: (4, RuntimeError),
+    }  # fmt: skip
+    for cls, (code, base) in expected.items():
+        assert issubclass(cls, EmbedpipeError) and issubclass(cls, base), cls
+        assert cls.exit_code == code, cls
+
+
+def test_subcommands_raise_and_main_alone_prints_the_line_and_returns_the_code(tmp_path, capsys):
+    from pipeline.errors import UsageError
+
+    argv = ["query", "--index", str(tmp_path), "--id", "x", "-k", "0"]
+    args, rest = build_parser().parse_known_args(argv)
+    with pytest.raises(UsageError, match="-k must be >= 1"):
+        args.func(args, rest)
+    assert capsys.readouterr().err == ""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "embedpipe query: error: -k must be >= 1; got 0\n"
 
 
 def test_one_line_takes_the_innermost_error_of_a_nested_traceback():

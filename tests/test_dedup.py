@@ -130,7 +130,8 @@ def test_rerun_with_a_duplicate_id_reuses_one_row_and_reports_the_copy(tmp_path)
     other as duplicate_id; night 2 (nothing changed) reuses one row and reports the other copy
     again, and the counts still add up (they once raised CountsMismatchError)."""
     from pipeline.config import EmbedConfig
-    from pipeline.job import parquet_files, run_embed
+    from pipeline.job import run_embed
+    from pipeline.storage import parquet_files
 
     images = make_images(3, seed=4)
     samples = list(images.items())

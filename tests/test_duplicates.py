@@ -16,8 +16,9 @@ from PIL import Image
 from test_report import CHROMIUM, Page, check_self_contained, render_in_chromium
 
 from pipeline.cli import main
-from pipeline.index.duplicates import choose_threshold, components, find_duplicates
+from pipeline.index.duplicates import components, find_duplicates
 from pipeline.index.duplicates_page import read_groups, render_duplicates_page, write_groups
+from pipeline.index.threshold import choose_threshold
 from pipeline.sample import jpeg_bytes, photos
 
 PLANTED = ("astronaut", "chelsea", "coffee", "rocket")

@@ -36,7 +36,8 @@ from pipeline.formats.example_proto import ExampleParseError, parse_example
 from pipeline.formats.parquet import read_parquet
 from pipeline.formats.tar import read_tar
 from pipeline.formats.tfrecord import encode_frame, read_tfrecord
-from pipeline.read import InputSpec, ReadImages, add_input_arguments, input_spec_from_args, split_paths
+from pipeline.options.embedding import add_input_options, input_spec
+from pipeline.read import InputSpec, ReadImages, split_paths
 from pipeline.records import SourceImage
 
 MAX_BYTES = 10_000_000
@@ -144,15 +145,14 @@ def test_split_paths_keeps_existing_names_whole(tmp_path):
 
 def test_cli_options_build_the_spec():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--input")
-    add_input_arguments(parser)
+    add_input_options(parser, required=False)
     args = parser.parse_args(
         [
             *("--input", "a.tfrecord,b.tfrecord", "--input-format", "tfrecord", "--tfrecord-key", "image/filename"),
             *("--tfrecord-compression", "gzip", "--parquet-image-column", "png", "--urilist-id-column", "name"),
         ]
     )
-    spec = input_spec_from_args(args)
+    spec = input_spec(args)
     assert spec == InputSpec(
         paths=("a.tfrecord", "b.tfrecord"),
         format="tfrecord",
@@ -162,7 +162,7 @@ def test_cli_options_build_the_spec():
         urilist_id_column="name",
     )
     assert spec.to_dict()["paths"] == ["a.tfrecord", "b.tfrecord"]
-    defaults = input_spec_from_args(parser.parse_args(["--input", "d"]))
+    defaults = input_spec(parser.parse_args(["--input", "d"]))
     assert (defaults.format, defaults.parquet_id_column, defaults.tfrecord_key) == ("auto", "key", "image/id")
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec is not installed (requirements-dev.txt brings it)")
 
-from pipeline import gpu_decode, resize
+from pipeline import gpu_decode, gpu_routing, resize
 from pipeline.decode import decode_one
 from pipeline.imaging import _TRANSPOSE, _resize
 from pipeline.records import DecodedImage, SourceImage
@@ -141,14 +141,14 @@ def test_routing_sends_only_plain_jpegs_to_the_device():
         "text": (b"not an image" * 10, "not_jpeg"),
     }
     for name, data in routed.items():
-        assert isinstance(gpu_decode.route(data, LIMIT), gpu_decode.Route), name
+        assert isinstance(gpu_routing.route(data, LIMIT), gpu_routing.Route), name
     for name, (data, why) in refused.items():
-        assert gpu_decode.route(data, LIMIT) == why, name
-    assert gpu_decode.route(jpeg(base), 64 * 48 - 1) == "limits"
-    r = gpu_decode.route(oriented_jpeg(6, (90, 60)), LIMIT)
+        assert gpu_routing.route(data, LIMIT) == why, name
+    assert gpu_routing.route(jpeg(base), 64 * 48 - 1) == "limits"
+    r = gpu_routing.route(oriented_jpeg(6, (90, 60)), LIMIT)
     assert (r.width, r.height, r.orientation, r.oriented) == (90, 60, 6, (60, 90))
-    assert gpu_decode.jpeg_frame_marker(jpeg(base)) == 0xFFC0
-    assert gpu_decode.jpeg_frame_marker(jpeg(base, progressive=True)) == 0xFFC2
+    assert gpu_routing.jpeg_frame_marker(jpeg(base)) == 0xFFC0
+    assert gpu_routing.jpeg_frame_marker(jpeg(base, progressive=True)) == 0xFFC2
 
 
 @settings(max_examples=60, derandomize=True, deadline=None)
@@ -156,7 +156,7 @@ def test_routing_sends_only_plain_jpegs_to_the_device():
 def test_the_frame_marker_scan_never_raises(noise, cut):
     data = jpeg(photo((16, 16)))
     for candidate in (noise, b"\xff\xd8" + noise, data[:cut] + noise, data[:cut]):
-        marker = gpu_decode.jpeg_frame_marker(candidate)
+        marker = gpu_routing.jpeg_frame_marker(candidate)
         assert marker is None or 0xFFC0 <= marker <= 0xFFCF
 
 

@@ -29,7 +29,7 @@ from odd_images import encode, photo
 from PIL import Image
 
 from pipeline import reasons
-from pipeline.config import EmbedConfig, ModelConfig
+from pipeline.config import EmbedConfig, IndexConfig, ModelConfig
 from pipeline.formats.files import ListFilesFn, ReadFileFn, change_marker, list_local
 from pipeline.nightly import NightlyConfig, run_nightly
 from pipeline.read import InputSpec, ReadImages, relative_id
@@ -139,7 +139,7 @@ def test_escaping_cannot_give_two_files_one_id(tmp_path):
 
 def nightly(corpus, root, run_id: str) -> dict:
     embed = EmbedConfig(input=str(corpus), output="", model=ModelConfig(image_size=32, weights="random"), batch_size=4)
-    return run_nightly(NightlyConfig(root=str(root), embed=embed, run_id=run_id, index="flat"))
+    return run_nightly(NightlyConfig(root=str(root), embed=embed, run_id=run_id, index=IndexConfig(index_type="flat")))
 
 
 @pytest.mark.slow

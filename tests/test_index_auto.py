@@ -7,7 +7,9 @@ import pathlib
 import re
 
 import pytest
+from index_fixtures import write_embeddings
 
+from pipeline.config import IndexConfig
 from pipeline.index.auto import (
     MIN_TRAIN_POINTS_PER_LIST,
     choose_index,
@@ -17,7 +19,6 @@ from pipeline.index.auto import (
     train_size_for,
 )
 from pipeline.index.build import build_index
-from pipeline.index.io import write_embeddings
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "INDEX.md"
 
@@ -87,7 +88,7 @@ def test_auto_build_follows_choose_index(tmp_path):
     from test_index_build import MODEL, clustered
 
     root = write_embeddings(str(tmp_path / "emb"), clustered(3000, 64, seed=4), model=MODEL, files=2)
-    small = build_index(root, str(tmp_path / "a"), memory_budget=300_000)  # 768 kB of raw vectors do not fit
+    small = build_index(root, str(tmp_path / "a"), IndexConfig(memory_budget=300_000))  # 768 kB: raw won't fit
     assert (small["index_type"], small["factory"]) == choose_index(3000, 64, 300_000) == ("ivf-sq8", "IVF69,SQ8")
     assert small["recall_at_10"] >= 0.95
     roomy = build_index(root, str(tmp_path / "b"))

@@ -15,11 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from index_fixtures import write_embeddings
 
 from pipeline.cli import main
+from pipeline.config import IndexConfig
 from pipeline.index import build as build_module
 from pipeline.index.build import build_index
-from pipeline.index.io import scan_dataset, write_embeddings
+from pipeline.index.io import scan_dataset
 from pipeline.index.search import Searcher
 from pipeline.index.train import prepare
 from pipeline.records import embeddings_schema
@@ -90,7 +92,7 @@ CASES = [  # (--index, metric, expected in the factory string, memory budget)
 def test_each_index_type_finds_itself_and_meets_its_recall(data64, tmp_path, kind, metric, factory_part, budget):
     root, x = data64
     out = str(tmp_path / "index")
-    meta = build_index(root, out, index=kind, metric=metric, memory_budget=budget, seed=3)
+    meta = build_index(root, out, IndexConfig(index_type=kind, metric=metric, memory_budget=budget, seed=3))
 
     assert factory_part in meta["factory"]
     assert meta["index_type"] == (kind if "," not in kind else "custom")
@@ -131,7 +133,7 @@ def test_cosine_ivf_pq_scores_are_cosine_similarities(data64, tmp_path):
     """IVF-PQ ranks unit vectors by L2; Searcher reports cosines (1 - d/2), close to the exact ones."""
     root, x = data64
     out = str(tmp_path / "index")
-    meta = build_index(root, out, index="ivf-pq", memory_budget=230_000, seed=3)
+    meta = build_index(root, out, IndexConfig(index_type="ivf-pq", memory_budget=230_000, seed=3))
     assert (meta["metric"], meta["faiss_metric"]) == ("cosine", "l2")
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     rows = np.arange(5, len(x), 97)
@@ -149,7 +151,7 @@ def test_cosine_ivf_pq_scores_are_cosine_similarities(data64, tmp_path):
 def test_index_json_and_ids_parquet_follow_the_contract(data64, tmp_path):
     root, x = data64
     out = tmp_path / "index"
-    meta = build_index(f"{root}/embeddings", str(out), index="ivf-flat", seed=0)  # the embeddings/ folder works too
+    meta = build_index(f"{root}/embeddings", str(out), IndexConfig(index_type="ivf-flat"))  # embeddings/ works too
 
     on_disk = json.loads((out / "index.json").read_text())
     assert on_disk == meta
@@ -179,7 +181,7 @@ def test_real_dimension_thumbnails_and_row_groups(tmp_path):
     x = clustered(n, 2048, seed=7)
     thumbs = [b"\xff\xd8jpeg-%d" % i for i in range(n)]
     root = write_embeddings(str(tmp_path / "emb"), x, model=MODEL, files=2, thumbnails=thumbs)
-    meta = build_index(root, str(tmp_path / "index"), index="ivf-sq8", seed=0)
+    meta = build_index(root, str(tmp_path / "index"), IndexConfig(index_type="ivf-sq8", seed=0))
 
     assert meta["dim"] == 2048 and meta["ntotal"] == n and meta["has_thumbnails"] is True
     ids = pq.ParquetFile(tmp_path / "index" / "ids.parquet")
@@ -198,7 +200,7 @@ def test_training_sample_is_seeded_random_and_disjoint_from_the_eval_queries(dat
 
     def prepared(seed: int):
         # IVF4 needs only 200 training vectors, so the sample is a small part of the 3,000 rows
-        return prepare(ds, index="IVF4,Flat", metric="cosine", memory_budget="4GB", seed=seed, batch_rows=256)
+        return prepare(ds, IndexConfig(index_type="IVF4,Flat", seed=seed), batch_rows=256)
 
     a, again, other = prepared(5), prepared(5), prepared(6)
     assert a.train_size == len(a.train_labels) == 200
@@ -215,7 +217,7 @@ def test_training_sample_is_seeded_random_and_disjoint_from_the_eval_queries(dat
 def test_nprobe_is_the_smallest_reaching_the_target(data64, tmp_path):
     root, x = data64
     out = str(tmp_path / "index")
-    meta = build_index(root, out, index="ivf-flat", seed=2, recall_target=0.99)
+    meta = build_index(root, out, IndexConfig(index_type="ivf-flat", seed=2, recall_target=0.99))
     nprobe = meta["search_params"]["nprobe"]
     index = faiss.read_index(f"{out}/index.faiss")
     assert faiss.extract_index_ivf(index).nprobe == nprobe  # stored in index.faiss as well
@@ -294,7 +296,7 @@ def test_bad_vectors_ids_and_options_are_refused(tmp_path):
     x[42, 3] = np.nan
     root = write_embeddings(str(tmp_path / "nan"), x, model=MODEL)
     with pytest.raises(ValueError, match=r"img-00000042.jpg holds NaN"):
-        build_index(root, str(tmp_path / "index"), index="flat")
+        build_index(root, str(tmp_path / "index"), IndexConfig(index_type="flat"))
     ids = [f"i{i}" for i in range(60)]
     ids[50] = "i7"
     root = write_embeddings(str(tmp_path / "dup"), clustered(60, 8), model=MODEL, ids=ids, files=2)
@@ -302,18 +304,18 @@ def test_bad_vectors_ids_and_options_are_refused(tmp_path):
         build_index(root, str(tmp_path / "index"))
     root = write_embeddings(str(tmp_path / "ok"), clustered(60, 8), model=MODEL)
     with pytest.raises(ValueError, match=r"metric must be one of"):
-        build_index(root, str(tmp_path / "index"), metric="dot")
+        build_index(root, str(tmp_path / "index"), IndexConfig(metric="dot"))
     with pytest.raises(ValueError, match=r"not a FAISS factory string"):
-        build_index(root, str(tmp_path / "index"), index="IVF-nonsense")
+        build_index(root, str(tmp_path / "index"), IndexConfig(index_type="IVF-nonsense"))
     with pytest.raises(ValueError, match=r"is not a size"):
-        build_index(root, str(tmp_path / "index"), memory_budget="lots")
+        build_index(root, str(tmp_path / "index"), IndexConfig(memory_budget="lots"))
     assert not (tmp_path / "index").exists()
 
 
 def test_a_failure_mid_build_leaves_the_previous_index_whole(data64, tmp_path, monkeypatch):
     root, _ = data64
     out = tmp_path / "index"
-    first = build_index(root, str(out), index="flat")
+    first = build_index(root, str(out), IndexConfig(index_type="flat"))
     before = {name: (out / name).read_bytes() for name in ("index.faiss", "ids.parquet", "index.json")}
 
     def crash(*args, **kwargs):
@@ -321,14 +323,14 @@ def test_a_failure_mid_build_leaves_the_previous_index_whole(data64, tmp_path, m
 
     monkeypatch.setattr(build_module, "write_json_atomic", crash)  # index.faiss and ids.parquet are staged by now
     with pytest.raises(OSError, match=r"simulated"):
-        build_index(root, str(out), index="ivf-flat")
+        build_index(root, str(out), IndexConfig(index_type="ivf-flat"))
     assert {name: (out / name).read_bytes() for name in before} == before
     assert json.loads((out / "index.json").read_text()) == first
     assert sorted(os.listdir(tmp_path)) == ["index"], "the staging directory is removed"
 
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError, match=r"simulated"):
-        build_index(root, str(fresh), index="ivf-flat")
+        build_index(root, str(fresh), IndexConfig(index_type="ivf-flat"))
     assert not (fresh / "index.json").exists()
 
 
@@ -338,9 +340,10 @@ def test_cli_builds_and_prints_a_summary(data64, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="embedpipe")
     add_index_parser(parser.add_subparsers(dest="command"))
     root, _ = data64
-    argv = ["index", "--embeddings", root, "--output", str(tmp_path / "ix"), "--index", "ivf-flat", "--seed", "1"]
+    argv = ["index", "--embeddings", root, "--output", str(tmp_path / "ix"), "--index-type", "ivf-flat", "--seed", "1"]
     args, beam_args = parser.parse_known_args(argv)
-    assert args.func(args, beam_args) == 0
+    assert args.index_seed == 1  # --seed is --index-seed's other spelling in `index`
+    args.func(args, beam_args)
     text = capsys.readouterr().out
     meta = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert f"ivf-flat ({meta['factory']}, cosine)" in text
@@ -350,14 +353,15 @@ def test_cli_builds_and_prints_a_summary(data64, tmp_path, capsys):
     )
     assert "vectors    3000 x 64" in text and str(tmp_path / "ix") in text
 
-    args, beam_args = parser.parse_known_args([*argv[:4], str(tmp_path / "d"), "--distributed", "--index", "IVF8,Flat"])
-    assert args.func(args, beam_args) == 0
+    distributed = [*argv[:4], str(tmp_path / "d"), "--distributed", "--index-type", "IVF8,Flat"]
+    args, beam_args = parser.parse_known_args(distributed)
+    args.func(args, beam_args)
     assert json.loads((tmp_path / "d" / "index.json").read_text())["factory"] == "IVF8,Flat"
 
     index_parser = next(a for a in parser._actions if a.dest == "command").choices["index"]
     options = {o for a in index_parser._actions for o in a.option_strings if a.dest != "help" and a.help}
-    assert options >= {"--embeddings", "--output", "--index", "--metric", "--memory-budget", "--distributed"}
-    assert options >= {"--workers", "--seed", "--recall-target"}, "every option has help text"
+    assert options >= {"--embeddings", "--output", "--index-type", "--metric", "--memory-budget", "--distributed"}
+    assert options >= {"--workers", "--index-seed", "--seed", "--recall-target", "--index"}, "every option has help"
 
 
 def test_cli_refuses_embeddings_without_a_manifest(tmp_path, capsys):

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystem import FileMetadata, MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
+from index_fixtures import write_embeddings
 from test_index_build import MODEL, clustered
 
+from pipeline.config import IndexConfig
 from pipeline.index.build import build_index
 from pipeline.index.distributed import build_index_distributed
-from pipeline.index.io import write_embeddings
 
 # What legitimately differs between two builds of the same index.
 VOLATILE = {"built_at", "build_seconds"}
@@ -60,9 +61,9 @@ def _same_build(a: str, b: str, x: np.ndarray) -> dict:
 def test_distributed_build_equals_single_process(dataset, tmp_path, caplog, kind, workers, budget):
     root, x = dataset
     caplog.set_level(logging.INFO, logger="pipeline.index")
-    single = build_index(root, str(tmp_path / "single"), index=kind, seed=4, memory_budget=budget)
+    single = build_index(root, str(tmp_path / "single"), IndexConfig(index_type=kind, seed=4, memory_budget=budget))
     spread = build_index_distributed(
-        root, str(tmp_path / "spread"), index=kind, seed=4, memory_budget=budget, workers=workers
+        root, str(tmp_path / "spread"), IndexConfig(index_type=kind, seed=4, memory_budget=budget), workers=workers
     )
     if kind == "ivf-pq":
         assert spread["factory"].startswith("OPQ16_64,")
@@ -78,12 +79,12 @@ def test_distributed_build_equals_single_process(dataset, tmp_path, caplog, kind
 def test_flat_and_hnsw_fall_back_to_one_process_and_say_why(dataset, tmp_path, caplog):
     root, x = dataset
     caplog.set_level(logging.INFO, logger="pipeline.index")
-    build_index(root, str(tmp_path / "single"), index="hnsw")
-    build_index_distributed(root, str(tmp_path / "spread"), index="hnsw")
+    build_index(root, str(tmp_path / "single"), IndexConfig(index_type="hnsw"))
+    build_index_distributed(root, str(tmp_path / "spread"), IndexConfig(index_type="hnsw"))
     assert "an HNSW graph cannot be merged" in caplog.text
     assert "adding 4 files in parallel" not in caplog.text
     _same_build(str(tmp_path / "single"), str(tmp_path / "spread"), x)
-    build_index_distributed(root, str(tmp_path / "flat"), index="flat")
+    build_index_distributed(root, str(tmp_path / "flat"), IndexConfig(index_type="flat"))
     assert "adding to a flat index is a copy" in caplog.text
 
 
@@ -151,9 +152,11 @@ def test_object_store_paths_build_the_same_index(dataset, tmp_path):
     root, _ = dataset
     FakeGcs.root = str(tmp_path)
     shutil.copytree(root, tmp_path / "bucket" / "run")
-    local = build_index(root, str(tmp_path / "local"), index="ivf-sq8", seed=1)
-    remote = build_index("fakegs://bucket/run", "fakegs://bucket/run/index", index="ivf-sq8", seed=1)
-    spread = build_index_distributed("fakegs://bucket/run", "fakegs://bucket/spread", index="ivf-sq8", seed=1)
+    local = build_index(root, str(tmp_path / "local"), IndexConfig(index_type="ivf-sq8", seed=1))
+    remote = build_index("fakegs://bucket/run", "fakegs://bucket/run/index", IndexConfig(index_type="ivf-sq8", seed=1))
+    spread = build_index_distributed(
+        "fakegs://bucket/run", "fakegs://bucket/spread", IndexConfig(index_type="ivf-sq8", seed=1)
+    )
     assert remote["source"] == spread["source"] == "fakegs://bucket/run/embeddings"
     for name in ("index.faiss", "ids.parquet"):
         expected = (tmp_path / "local" / name).read_bytes()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+from index_fixtures import write_embeddings
 from test_index_build import MODEL, clustered
 
+from pipeline.config import IndexConfig
 from pipeline.index.build import build_index
-from pipeline.index.io import scan_dataset, write_embeddings
+from pipeline.index.io import scan_dataset
 from pipeline.index.quality import K, QuerySet, recall_lower_bound, recall_per_query, tune
 from pipeline.index.train import prepare
 
@@ -79,7 +81,7 @@ def test_tuning_queries_are_held_out_of_training_too(tmp_path):
     write_embeddings(root, clustered(3000, 64, seed=1), model=MODEL, files=3)
     ds = scan_dataset(root)
     # IVF4 needs 200 training vectors; 300 eval + 300 tuning queries leave room for disjoint sets.
-    a = prepare(ds, index="IVF4,Flat", metric="cosine", memory_budget="4GB", seed=5, batch_rows=256)
+    a = prepare(ds, IndexConfig(index_type="IVF4,Flat", seed=5), batch_rows=256)
     assert len(a.train_labels) == 200 and len(a.tune_labels) == 300
     assert not set(a.tune_labels) & set(a.train_labels), "recall on training vectors is optimistic"
     assert not set(a.eval_labels) & (set(a.train_labels) | set(a.tune_labels))
@@ -88,7 +90,7 @@ def test_tuning_queries_are_held_out_of_training_too(tmp_path):
 def test_index_json_records_the_target_its_curve_and_the_held_out_bound(tmp_path):
     root = str(tmp_path / "emb")
     write_embeddings(root, clustered(3000, 64, seed=1), model=MODEL, files=2)
-    meta = build_index(root, str(tmp_path / "index"), index="ivf-flat", recall_target=0.95)
+    meta = build_index(root, str(tmp_path / "index"), IndexConfig(index_type="ivf-flat", recall_target=0.95))
     assert meta["recall_target"] == 0.95 and meta["recall_target_met"] is True and meta["recall_warning"] is None
     assert 0.95 <= meta["recall_at_10_low"] <= meta["recall_at_10"]
     values = [point["nprobe"] for point in meta["tuning_curve"]]

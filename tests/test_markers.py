@@ -26,7 +26,7 @@ from odd_images import encode, photo
 from PIL import Image
 
 from pipeline import reasons
-from pipeline.config import EmbedConfig, ModelConfig
+from pipeline.config import EmbedConfig, IndexConfig, ModelConfig
 from pipeline.formats.files import ListFilesFn, change_marker, list_local
 from pipeline.nightly import NightlyConfig, run_nightly
 
@@ -52,7 +52,9 @@ def make_corpus(folder: pathlib.Path) -> pathlib.Path:
 
 def nightly(corpus: str, root, run_id: str, **kw) -> dict:
     embed = EmbedConfig(input=str(corpus), output="", model=ModelConfig(image_size=32, weights="random"), batch_size=4)
-    return run_nightly(NightlyConfig(root=str(root), embed=embed, run_id=run_id, index="flat", **kw))
+    return run_nightly(
+        NightlyConfig(root=str(root), embed=embed, run_id=run_id, index=IndexConfig(index_type="flat"), **kw)
+    )
 
 
 def markers(root, run_id: str) -> dict[str, str | None]:

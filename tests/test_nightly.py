@@ -21,7 +21,7 @@ from pipeline.nightly import read_latest
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--weights", "random", "--image-size", "32", "--batch-size", "4", "--index", "flat"]
+COMMON = ["--weights", "random", "--image-size", "32", "--batch-size", "4", "--index-type", "flat"]
 
 
 def nightly(corpus, root, run_id, *extra) -> int:
@@ -147,6 +147,16 @@ def test_model_change_reembeds_everything(two_runs, corpus):
     # --keep 3 pruned the oldest runs only after publishing, and only embedpipe's own runs.
     assert sorted(os.listdir(root / "runs")) == ["copy-of-r1", "notes", "r2", "r3", "r4-max"]
     assert (root / "runs/notes/todo.txt").read_text() == "mine"
+
+
+def test_nightly_takes_the_index_group_of_embedpipe_index(corpus, tmp_path, caplog):
+    root = tmp_path / "root"
+    extra = ["--index", "hnsw", "--index-seed", "5", "--recall-target", "0.5", "--memory-budget", "1GB"]
+    assert nightly(corpus, root, "r1", *extra) == 0  # --index: the deprecated spelling of --index-type
+    meta = json.loads((root / "runs/r1/index/index.json").read_text())
+    assert (meta["index_type"], meta["recall_target"]) == ("hnsw", 0.5)
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == ["--index is deprecated and will be removed in the next release; use --index-type"]
 
 
 def test_failed_validation_does_not_publish(corpus, tmp_path):

@@ -29,7 +29,7 @@ from pipeline.nightly import read_latest
 from pipeline.ownership import claim
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMON = ["--weights", "random", "--image-size", "32", "--batch-size", "4", "--index", "flat"]
+COMMON = ["--weights", "random", "--image-size", "32", "--batch-size", "4", "--index-type", "flat"]
 
 
 # ---------------------------------------------------------------- a GCS stand-in

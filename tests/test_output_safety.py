@@ -143,10 +143,10 @@ def test_a_failed_run_removes_its_staging_a_counts_mismatch_keeps_it(corpus, tmp
         run_embed(corpus, out)
     assert sorted(os.listdir(out)) == [MARKER_NAME], "the failed run's staging folder is removed"
 
-    real_counter = job._counter
+    real_counter = job.beam_counter
     monkeypatch.setattr(job, "count_stamped", real_count)
     monkeypatch.setattr(
-        job, "_counter", lambda result, name: 3 if name == "images_seen" else real_counter(result, name)
+        job, "beam_counter", lambda result, name: 3 if name == "images_seen" else real_counter(result, name)
     )
     with pytest.raises(job.CountsMismatchError, match=r"seen 3 != embedded 2 .* staged output left at .*_staging-"):
         run_embed(corpus, out)

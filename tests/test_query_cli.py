@@ -12,14 +12,13 @@ import pytest
 from index_fixtures import clustered, shared_photo_index, write_index_dir
 
 from pipeline import reasons
-from pipeline.cli import build_parser
+from pipeline.cli import main
 from pipeline.index.search import QueryImageError, Searcher
 
 
 def _run(*argv: str) -> int:
-    """`embedpipe query ...` in this process, through the real `embedpipe` parser."""
-    args, rest = build_parser().parse_known_args(["query", *argv])
-    return args.func(args, rest)
+    """`embedpipe query ...` in this process, through the real `embedpipe` entry point; its exit code."""
+    return main(["query", *argv])
 
 
 @pytest.fixture(scope="module")

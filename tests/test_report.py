@@ -20,6 +20,7 @@ from PIL import Image
 from test_nightly import make_image
 
 from pipeline.cli import main
+from pipeline.config import IndexConfig
 from pipeline.nightly import read_latest
 from pipeline.records import embeddings_schema
 from pipeline.report import build_report, latest_report_path
@@ -221,12 +222,13 @@ def test_drift_check_flags_a_planted_moved_vector_of_unchanged_bytes(nightly_roo
 
 
 def _synthetic_run(root: pathlib.Path, run_id: str, vectors: np.ndarray, previous: str | None, index: str) -> None:
+    from index_fixtures import write_embeddings
+
     from pipeline.index.build import build_index
-    from pipeline.index.io import write_embeddings
 
     run_dir = root / "runs" / run_id
     write_embeddings(str(run_dir), vectors, model="synthetic", ids=[f"img-{i:05d}.jpg" for i in range(len(vectors))])
-    meta = build_index(str(run_dir), str(run_dir / "index"), index=index, seed=0)
+    meta = build_index(str(run_dir), str(run_dir / "index"), IndexConfig(index_type=index, seed=0))
     n = len(vectors)
     manifest = {
         "run_id": run_id, "model": "synthetic", "published": True, "validated": True, "mode": "incremental",

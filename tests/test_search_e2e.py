@@ -18,7 +18,7 @@ import pytest
 from index_fixtures import serve_in_thread
 from PIL import Image
 
-from pipeline.config import EmbedConfig, ModelConfig
+from pipeline.config import EmbedConfig, IndexConfig, ModelConfig
 from pipeline.index.search import Searcher
 from pipeline.job import run_embed
 from pipeline.sample import jpeg_bytes, make_corpus
@@ -54,7 +54,7 @@ def run(tmp_path_factory):
     )
     manifest = run_embed(cfg)
     assert manifest["counts"]["embedded"] == 13 and manifest["counts"]["failed"] == 0
-    meta = build_index(str(base / "out" / "embeddings"), str(base / "index"), index="flat", seed=0)
+    meta = build_index(str(base / "out" / "embeddings"), str(base / "index"), IndexConfig(index_type="flat", seed=0))
     return {
         "index": str(base / "index"),
         "meta": meta,

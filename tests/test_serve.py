@@ -29,7 +29,7 @@ from index_fixtures import (
 from PIL import Image
 
 from pipeline import reasons
-from pipeline.cli import build_parser
+from pipeline.cli import build_parser, main
 from pipeline.config import ModelConfig
 from pipeline.index.search import Searcher
 from pipeline.sample import jpeg_bytes
@@ -298,16 +298,14 @@ def _serve_args(*argv: str) -> argparse.Namespace:
 def test_serve_command_errors(tmp_path, capsys):
     args = _serve_args("--index", str(tmp_path / "none"))
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_upload_mb == 20
-    assert args.func(args, []) == 2
+    assert main(["serve", "--index", str(tmp_path / "none")]) == 2
     assert "embedpipe serve: error: no index directory" in capsys.readouterr().err
     d = write_index_dir(tmp_path / "index", clustered(5, 8))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        args = _serve_args("--index", d, "--port", str(port))
-        assert args.func(args, []) == 2
+        assert main(["serve", "--index", d, "--port", str(port)]) == 2
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
-    args = _serve_args("--index", d, "--max-upload-mb", "0")
-    assert args.func(args, []) == 2
+    assert main(["serve", "--index", d, "--max-upload-mb", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err

@@ -6,7 +6,6 @@ httpx; the path-prefix tests put a real reverse proxy (another uvicorn) in front
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -34,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.cli import build_parser
+from pipeline.cli import main
 from pipeline.index.search import Searcher
 from pipeline.serve.app import create_app
 from pipeline.serve.connections import ConnectionGuard
@@ -624,7 +623,6 @@ def test_cors_origins_are_checked(tmp_path, capsys):
         (["--max-queries", "0"], "--max-queries 0: must be positive"),
         (["--root-path", "embedpipe"], "--root-path 'embedpipe': must be a path that starts with /"),
     ]:
-        args: argparse.Namespace = build_parser().parse_args(["serve", "--index", d, *argv])
-        assert args.func(args, []) == 2
+        assert main(["serve", "--index", d, *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("embedpipe serve: error: ") and says in err and err.count("\n") == 1, err

@@ -12,8 +12,9 @@ from odd_images import encode, photo
 
 from pipeline import transport
 from pipeline.config import EmbedConfig, ModelConfig
+from pipeline.embed_pipeline import build_embed_pipeline, embed_options, utc_now
 from pipeline.imaging import decode_image
-from pipeline.job import build_embed_pipeline, embed_options, run_embed, utc_now
+from pipeline.job import run_embed
 from pipeline.records import DecodedImage
 from pipeline.topology import accelerator_hint, hints_of
 

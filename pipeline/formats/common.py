@@ -9,7 +9,10 @@ so that one bad shard never stops the rest of the corpus.
 
 from __future__ import annotations
 
-from pipeline import records
+from collections.abc import Callable
+from typing import Any
+
+from pipeline import reasons, records, storage
 
 # Reason codes that only shard readers produce (the `error` column of errors/*.parquet).
 # They belong beside the others in pipeline/reasons.py; until they move there they live here.
@@ -32,6 +35,21 @@ def shard_error(rel: str, path: str, position: str, reason: str, message: str) -
 def record_error(rid: str, uri: str, reason: str, message: str) -> dict:
     """An error row for one record of a shard."""
     return records.error_row(rid, uri, STAGE, reason, message)
+
+
+def open_shard(
+    path: str, rel: str, *, what: str = "shard", opener: Callable[[str], Any] = storage.open_regular
+) -> tuple[str, str, Any, dict | None]:
+    """(path as text, rel as text, what `opener(path)` returned, None), or the same with the `unreadable` row
+    and no handle when the shard cannot be opened (`what` names it in the message).
+
+    The shard is opened by its path as given; ids and uris carry it as valid UTF-8 text (storage.safe_text).
+    """
+    shown, rel = storage.safe_text(path), storage.safe_text(rel)
+    try:
+        return shown, rel, opener(path), None
+    except Exception as exc:
+        return shown, rel, None, record_error(rel, shown, reasons.UNREADABLE, f"cannot open {what}: {describe(exc)}")
 
 
 def too_large_message(size: int, max_bytes: int) -> str:

@@ -208,11 +208,9 @@ def read_parquet(
     In a shard with img2dataset's `status` and `error_message` columns, a row whose
     status is set and is not "success" is a `source_failed` row that carries both.
     """
-    shown, rel = storage.safe_text(path), storage.safe_text(rel)
-    try:
-        handle = storage.open_regular(path)
-    except Exception as exc:
-        yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
+    shown, rel, handle, failed = common.open_shard(path, rel)
+    if failed:
+        yield failed
         return
     path = shown  # from here on the path is only written into uris
     with handle:

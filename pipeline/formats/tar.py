@@ -116,11 +116,9 @@ def read_tar(path: str, rel: str, *, max_bytes: int) -> Iterator[SourceImage | d
     sample completed before it is still yielded. `path` is opened as given; ids and
     uris carry it (and member names) as text that is valid UTF-8 (storage.safe_text).
     """
-    shown, rel = storage.safe_text(path), storage.safe_text(rel)
-    try:
-        handle = storage.open_regular(path)
-    except Exception as exc:
-        yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
+    shown, rel, handle, failed = common.open_shard(path, rel)
+    if failed:
+        yield failed
         return
     with handle:
         try:

@@ -102,12 +102,11 @@ def read_tfrecord(
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"tfrecord compression must be one of {COMPRESSIONS}; got {compression!r}")
-    shown, rel = storage.safe_text(path), storage.safe_text(rel)
-    try:
-        handle, raw, compression = _open(path, compression)
-    except Exception as exc:
-        yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open shard: {common.describe(exc)}")
+    shown, rel, opened, failed = common.open_shard(path, rel, opener=lambda p: _open(p, compression))
+    if failed:
+        yield failed
         return
+    handle, raw, compression = opened
     path = shown  # from here on the path is only written into uris
     peer = image_feature == DEFAULT_IMAGE  # an image feature the user named is never second-guessed
     wanted = frozenset((key_feature, image_feature) + ((PEER_KEY, *PEER_IMAGES) if peer else ()))

@@ -85,11 +85,9 @@ def read_list(
     over MAX_LINE_BYTES, or one that is not UTF-8, is one `unreadable` row.
     """
     kind = list_kind(path)
-    shown, rel = storage.safe_text(path), storage.safe_text(rel)
-    try:
-        handle = storage.open_regular(path)
-    except Exception as exc:
-        yield common.record_error(rel, shown, reasons.UNREADABLE, f"cannot open URI list: {common.describe(exc)}")
+    shown, rel, handle, failed = common.open_shard(path, rel, what="URI list")
+    if failed:
+        yield failed
         return
     with handle:
         position = "line=0" if kind != "parquet" else "row=0"

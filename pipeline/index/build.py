@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import faiss
 
 from pipeline import __version__
+from pipeline.config import IndexConfig
 from pipeline.index.io import Dataset, IdsWriter, iter_batches, publish, scan_dataset, staging_dir
 from pipeline.index.loading import FORMAT_VERSION  # what the reading side accepts
 from pipeline.index.quality import ExactNeighbours, K, QuerySet, tune
@@ -104,27 +105,13 @@ def finish(
     return meta
 
 
-def build_index(
-    embeddings: str,
-    output: str,
-    *,
-    index: str = "auto",
-    metric: str = "cosine",
-    memory_budget: str | int = "4GB",
-    seed: int = 0,
-    recall_target: float = 0.95,
-    batch_rows: int = 8192,
-) -> dict:
+def build_index(embeddings: str, output: str, config: IndexConfig | None = None, *, batch_rows: int = 8192) -> dict:
     """Build a FAISS index of an embeddings dataset in this process.
 
     Args:
         embeddings: OUTPUT of `embedpipe embed` (holding embeddings/) or its embeddings/ folder.
         output: index directory to (re)place: index.faiss, ids.parquet, index.json.
-        index: auto | flat | ivf-flat | ivf-sq8 | ivf-pq | hnsw, or a raw FAISS factory string.
-        metric: cosine (L2-normalised vectors, inner product) or l2.
-        memory_budget: RAM the finished index may use ("4GB", "8GiB", bytes); drives `auto` and PQ size.
-        seed: seeds the training sample, the held-out queries and k-means.
-        recall_target: recall@10 that nprobe / efSearch are tuned to reach.
+        config: which index (type, metric, memory budget, seed, recall target); default IndexConfig().
         batch_rows: vectors read per record batch.
 
     Returns:
@@ -134,9 +121,10 @@ def build_index(
         ValueError: empty dataset, mixed model fingerprints or dimensions, duplicate ids, a bad
             vector, or bad options.
     """
+    config = config or IndexConfig()
     started = time.perf_counter()
     ds = scan_dataset(embeddings)
-    prepared = prepare(ds, index=index, metric=metric, memory_budget=memory_budget, seed=seed, batch_rows=batch_rows)
+    prepared = prepare(ds, config, batch_rows=batch_rows)
     built = prepared.index
     presize_flat_codes(built, ds.ntotal)
     with staged(output) as staging:
@@ -163,5 +151,5 @@ def build_index(
             staging=staging,
             output=output,
             started=started,
-            recall_target=recall_target,
+            recall_target=config.recall_target,
         )

@@ -6,13 +6,14 @@ import argparse
 import logging
 import sys
 
-from pipeline.index.auto import INDEX_TYPES
+from pipeline.options.indexing import add_index_options, index_config
+from pipeline.options.runner import add_workers_option
 
 log = logging.getLogger(__name__)
 
 
-def add_index_parser(subparsers) -> None:
-    """Add the `index` subcommand to the `embedpipe` parser's subparsers."""
+def add_index_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `index` subcommand (func=cmd_index) to the `embedpipe` parser."""
     p = subparsers.add_parser(
         "index",
         help="build a FAISS index of an embeddings dataset",
@@ -34,43 +35,15 @@ def add_index_parser(subparsers) -> None:
         "manifest last and a folder without one is unfinished or was not made by embedpipe)",
     )
     p.add_argument(
-        "--index",
-        default="auto",
-        metavar="TYPE",
-        help=f"auto (default: chosen from the vector count and --memory-budget, see docs/INDEX.md), "
-        f"{', '.join(INDEX_TYPES)}, or a raw FAISS factory string such as 'IVF1024,SQ8'",
-    )
-    p.add_argument(
-        "--metric",
-        choices=("cosine", "l2"),
-        default="cosine",
-        help="cosine (default: vectors L2-normalised, inner product) or l2 (squared Euclidean distance)",
-    )
-    p.add_argument(
-        "--memory-budget",
-        default="4GB",
-        help="RAM the finished index may use, e.g. 4GB (10^9 bytes), 8GiB, 512MB (default 4GB); "
-        "decides what auto picks and the PQ code size",
-    )
-    p.add_argument(
         "--distributed",
         action="store_true",
         help="add the vectors file by file in a Beam pipeline and merge the shard indexes (IVF types; "
         "flat and HNSW are built in one process)",
     )
-    p.add_argument(
-        "--workers", type=int, default=1, help="local worker processes for --distributed without --runner (default 1)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the training sample, the held-out queries and k-means (default 0)"
-    )
-    p.add_argument(
-        "--recall-target",
-        type=float,
-        default=0.95,
-        help="recall@10 that nprobe / efSearch are tuned to reach (default 0.95)",
-    )
+    add_workers_option(p, what=" for --distributed without --runner")
+    add_index_options(p, seed_alias=True)
     p.set_defaults(func=cmd_index)
+    return p
 
 
 def _size(n: int) -> str:
@@ -98,29 +71,20 @@ def print_index_summary(meta: dict, output: str, out=None) -> None:
     print(f"  output     {output.rstrip('/')}/  (index.faiss, ids.parquet, index.json)", file=out)
 
 
-def cmd_index(args: argparse.Namespace, beam_args: list[str]) -> int:
-    """Run `embedpipe index`; returns the exit code."""
+def cmd_index(args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Run `embedpipe index` and print its summary."""
     from pipeline.index.io import resolve_embeddings
 
-    resolve_embeddings(args.embeddings, require_manifest=not args.allow_no_manifest)  # refuses before any work
-    options = {
-        "index": args.index,
-        "metric": args.metric,
-        "memory_budget": args.memory_budget,
-        "seed": args.seed,
-        "recall_target": args.recall_target,
-    }
+    config = index_config(args)  # bad options are refused before any work, as is a folder without a manifest
+    resolve_embeddings(args.embeddings, require_manifest=not args.allow_no_manifest)
     if args.distributed:
         from pipeline.index.distributed import build_index_distributed
 
-        meta = build_index_distributed(
-            args.embeddings, args.output, beam_args=beam_args, workers=args.workers, **options
-        )
+        meta = build_index_distributed(args.embeddings, args.output, config, beam_args=beam_args, workers=args.workers)
     else:
         if beam_args:
             log.warning("ignoring %s: Beam options only apply with --distributed", " ".join(beam_args))
         from pipeline.index.build import build_index
 
-        meta = build_index(args.embeddings, args.output, **options)
+        meta = build_index(args.embeddings, args.output, config)
     print_index_summary(meta, args.output)
-    return 0

@@ -28,12 +28,12 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.index.auto import parse_memory_budget
+from pipeline.config import IndexConfig
 from pipeline.index.build import build_index, finish, staged
 from pipeline.index.io import Dataset, IdsWriter, Shard, iter_batches, iter_columns, scan_dataset
 from pipeline.index.loading import drop_precomputed_table
 from pipeline.index.quality import ExactNeighbours, K
-from pipeline.index.train import METRICS, faiss_metric_for, ivf_of, new_index, prepare, resolve_index
+from pipeline.index.train import faiss_metric_for, ivf_of, new_index, prepare, resolve_index
 from pipeline.storage import mkdirs, read_faiss, remove_tree, write_faiss
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,10 @@ def _write_ids(ds: Dataset, path: str, batch_rows: int) -> int:
 def build_index_distributed(
     embeddings: str,
     output: str,
+    config: IndexConfig | None = None,
     *,
     beam_args: list[str] | None = None,
     workers: int = 1,
-    index: str = "auto",
-    metric: str = "cosine",
-    memory_budget: str | int = "4GB",
-    seed: int = 0,
-    recall_target: float = 0.95,
     batch_rows: int = 8192,
 ) -> dict:
     """Like build_index, with the adding done shard by shard in parallel by a Beam pipeline.
@@ -152,22 +148,14 @@ def build_index_distributed(
     """
     from pipeline.runner import pipeline_options
 
+    config = config or IndexConfig()
     started = time.perf_counter()
     ds = scan_dataset(embeddings)
-    index_type, factory = _kind(index, ds, memory_budget, metric)
+    index_type, factory = _kind(config, ds)
     if index_type is None:
         log.info("index: %s; building in one process", factory)
-        return build_index(
-            embeddings,
-            output,
-            index=index,
-            metric=metric,
-            memory_budget=memory_budget,
-            seed=seed,
-            recall_target=recall_target,
-            batch_rows=batch_rows,
-        )
-    prepared = prepare(ds, index=index, metric=metric, memory_budget=memory_budget, seed=seed, batch_rows=batch_rows)
+        return build_index(embeddings, output, config, batch_rows=batch_rows)
+    prepared = prepare(ds, config, batch_rows=batch_rows)
     with staged(output) as staging:
         work = f"{staging}/work"
         mkdirs(work)
@@ -204,16 +192,14 @@ def build_index_distributed(
             staging=staging,
             output=output,
             started=started,
-            recall_target=recall_target,
+            recall_target=config.recall_target,
         )
 
 
-def _kind(index: str, ds: Dataset, memory_budget: str | int, metric: str) -> tuple[str | None, str]:
+def _kind(config: IndexConfig, ds: Dataset) -> tuple[str | None, str]:
     """(index type, factory) when the type can be built shard by shard, else (None, why not)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}; got {metric!r}")
-    index_type, factory = resolve_index(index, ds.ntotal, ds.dim, parse_memory_budget(memory_budget))
-    if ivf_of(new_index(factory, ds.dim, faiss_metric_for(index_type, metric))) is None:
+    index_type, factory = resolve_index(config.index_type, ds.ntotal, ds.dim, config.memory_budget_bytes)
+    if ivf_of(new_index(factory, ds.dim, faiss_metric_for(index_type, config.metric))) is None:
         why = "adding to a flat index is a copy" if index_type == "flat" else "an HNSW graph cannot be merged"
         if index_type == "custom":
             why = f"{factory!r} has no inverted lists to merge"

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import refuse_unusable_paths
 from pipeline.index.duplicates import (
     DEFAULT_NEIGHBOURS,
     DEFAULT_PROBES,
@@ -24,6 +25,8 @@ from pipeline.index.duplicates import (
     DuplicateResult,
     find_duplicates,
 )
+from pipeline.options.indexing import add_index_dir_option
+from pipeline.options.runner import use_filesystem_options
 from pipeline.storage import write_text_atomic
 
 DEFAULT_MAX_GROUPS = 100  # groups shown on the page (all of them are in the Parquet)
@@ -167,7 +170,7 @@ def add_duplicates_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "(group_id, id, uri, score_to_representative, representative) and optionally an HTML page of the "
         "groups, largest first. docs/DUPLICATES.md explains the threshold and the limits.",
     )
-    p.add_argument("--index", required=True, metavar="DIR", help="index directory (local, gs://, s3://)")
+    add_index_dir_option(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--threshold", type=float, metavar="COS", help="cosine similarity at or above which images group")
     how.add_argument(
@@ -194,20 +197,14 @@ def add_duplicates_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     return p
 
 
-def cmd_duplicates(args: argparse.Namespace, beam_args: list[str]) -> int:
-    """Run `embedpipe duplicates`; errors are one line on stderr and exit 2."""
-    if beam_args:
-        from apache_beam.options.pipeline_options import PipelineOptions
-
-        FileSystems.set_options(PipelineOptions(beam_args))  # credentials of remote filesystems
-    try:
+def cmd_duplicates(args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Run `embedpipe duplicates`: write the groups (and the page), print what was found."""
+    use_filesystem_options(beam_args)  # credentials of remote filesystems
+    with refuse_unusable_paths():
         result = find_duplicates(args.index, threshold=args.threshold, probes=args.probes, neighbours=args.neighbours)
         write_groups(result, args.output)
         if args.html:
             write_text_atomic(args.html, render_duplicates_page(args.output, args.index, max_groups=args.max_groups))
-    except (ValueError, OSError) as exc:
-        print(f"embedpipe duplicates: error: {exc}", file=sys.stderr)
-        return 2
     info = result.info
     how = "--auto" if info["auto"] else "--threshold"
     print(f"embedpipe duplicates: {how}: {info['reason']}")
@@ -219,4 +216,3 @@ def cmd_duplicates(args: argparse.Namespace, beam_args: list[str]) -> int:
     print(f"  compared  {info['method']}")
     print(f"  output    {args.output}" + (f"  page {args.html}" if args.html else ""))
     print(f"  done in   {info['seconds']:.2f}s")
-    return 0

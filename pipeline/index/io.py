@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.storage import is_local, mkdirs, parquet_files, remove_tree, write_json_atomic
+from pipeline.storage import is_local, mkdirs, parquet_files, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -303,53 +303,3 @@ def publish(staging: str, output: str) -> None:
     for name in INDEX_FILES:
         FileSystems.rename([f"{staging}/{name}"], [f"{out}/{name}"])
     remove_tree(staging, best_effort=True)
-
-
-def write_embeddings(
-    output: str,
-    vectors: np.ndarray,
-    *,
-    model: str,
-    ids: list[str] | None = None,
-    files: int = 1,
-    thumbnails: list[bytes] | None = None,
-    model_config: dict | None = None,
-) -> str:
-    """Write vectors as an embeddings dataset (OUTPUT/embeddings/part-*.parquet + manifest.json).
-
-    The same schema `embedpipe embed` writes; for vectors made elsewhere, tests and benchmarks.
-    Returns OUTPUT.
-    """
-    from pipeline.records import embeddings_schema
-
-    out = output.rstrip("/")
-    n, dim = vectors.shape
-    ids = ids if ids is not None else [f"img-{i:08d}.jpg" for i in range(n)]
-    schema = embeddings_schema(dim, thumbnails=thumbnails is not None)
-    mkdirs(f"{out}/embeddings")
-    import datetime
-
-    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
-    bounds = np.linspace(0, n, files + 1).astype(int)
-    for f in range(files):
-        a, b = bounds[f], bounds[f + 1]
-        columns = {
-            "id": ids[a:b],
-            "uri": [f"file:///corpus/{i}" for i in ids[a:b]],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[a:b].reshape(-1), pa.float32()), dim),
-            "content_sha256": ["0" * 64] * (b - a),
-            "width": pa.array([640] * (b - a), pa.int32()),
-            "height": pa.array([480] * (b - a), pa.int32()),
-            "model": [model] * (b - a),
-            "embedded_at": pa.array([now] * (b - a), pa.timestamp("us", tz="UTC")),
-        }
-        if thumbnails is not None:
-            columns["thumbnail"] = thumbnails[a:b]
-        for field in schema:  # optional columns this writer has no values for (e.g. source_marker)
-            if field.name not in columns and field.nullable:
-                columns[field.name] = pa.nulls(b - a, field.type)
-        table = pa.Table.from_pydict(columns, schema=schema)
-        with FileSystems.create(f"{out}/embeddings/part-{f:05d}-of-{files:05d}.parquet") as handle:
-            pq.write_table(table, handle, row_group_size=2048)
-    write_json_atomic(f"{out}/manifest.json", {"model": model, "model_config": model_config, "embedding_dim": dim})
-    return out

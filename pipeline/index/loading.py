@@ -12,11 +12,13 @@ import tempfile
 import faiss
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import UsageError
+
 FORMAT_VERSION = 1
 INDEX_FILES = ("index.json", "index.faiss", "ids.parquet")
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UsageError):
     """The directory is not a readable index (missing file, wrong version, inconsistent parts)."""
 
 

@@ -8,9 +8,10 @@ import json
 import sys
 from typing import TextIO
 
-from pipeline.config import DEFAULT_MAX_PIXELS, EmbedConfig
-
-DEFAULT_MAX_BYTES: int = EmbedConfig.max_bytes  # as `embedpipe embed --max-bytes`
+from pipeline.errors import UsageError
+from pipeline.options.embedding import add_size_limits
+from pipeline.options.indexing import add_index_dir_option
+from pipeline.options.runner import use_filesystem_options
 
 
 def add_query_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,25 +23,13 @@ def add_query_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "embedded with exactly the model the index records, or by ids already in the index (the item itself "
         "is always hit 1). Scores: cosine similarity (higher is closer) or L2 distance (lower is closer).",
     )
-    p.add_argument("--index", required=True, metavar="DIR", help="index directory (local, gs://, s3://)")
+    add_index_dir_option(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", nargs="+", metavar="PATH", help="query image file(s) (any Beam filesystem)")
     what.add_argument("--id", nargs="+", metavar="ID", help="id(s) of items in the index")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per hit and line instead of a table")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"query images with more pixels are refused (default {DEFAULT_MAX_PIXELS:,})",
-    )
-    p.add_argument(
-        "--max-bytes",
-        type=int,
-        default=DEFAULT_MAX_BYTES,
-        help=f"query image files with more bytes are refused (default {DEFAULT_MAX_BYTES // 2**20} MiB, "
-        "as for `embedpipe embed`)",
-    )
+    add_size_limits(p, what="query image", then="are refused")
     p.set_defaults(func=cmd_query)
     return p
 
@@ -57,34 +46,22 @@ def _print_table(query: str, hits: list, metric: str, out: TextIO) -> None:
     print("", file=out)
 
 
-def cmd_query(args: argparse.Namespace, beam_args: list[str], out: TextIO | None = None) -> int:
-    """Run one `embedpipe query` (results to `out`, default stdout); errors: one line on stderr, exit code 2."""
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipeline.index.search import QueryImageError, Searcher, UnknownIdError
-    from pipeline.model import WeightsUnavailableError
+def cmd_query(args: argparse.Namespace, beam_args: list[str], out: TextIO | None = None) -> None:
+    """Run one `embedpipe query` (results to `out`, default stdout); a bad query raises (UsageError and kin)."""
+    from pipeline.index.search import Searcher
 
     if args.k < 1:
-        print(f"embedpipe query: error: -k must be >= 1; got {args.k}", file=sys.stderr)
-        return 2
+        raise UsageError(f"-k must be >= 1; got {args.k}")
     if args.max_bytes < 1 or args.max_pixels < 1:
-        print("embedpipe query: error: --max-bytes and --max-pixels must be >= 1", file=sys.stderr)
-        return 2
-    if beam_args:
-        # Filesystem credentials and settings (e.g. --s3_endpoint_url) for remote indexes and images.
-        FileSystems.set_options(PipelineOptions(beam_args))
-    try:
-        with Searcher.open(args.index, max_pixels=args.max_pixels) as searcher:
-            searcher.query_model.max_bytes = args.max_bytes
-            if args.image:
-                queries, results = args.image, searcher.search_images(args.image, k=args.k)
-            else:
-                queries, results = args.id, searcher.search_ids(args.id, k=args.k)
-            metric = searcher.meta["metric"]
-    except (ValueError, UnknownIdError, QueryImageError, WeightsUnavailableError) as exc:
-        print(f"embedpipe query: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError("--max-bytes and --max-pixels must be >= 1")
+    use_filesystem_options(beam_args)  # credentials and settings (e.g. --s3_endpoint_url) of remote indexes
+    with Searcher.open(args.index, max_pixels=args.max_pixels) as searcher:
+        searcher.query_model.max_bytes = args.max_bytes
+        if args.image:
+            queries, results = args.image, searcher.search_images(args.image, k=args.k)
+        else:
+            queries, results = args.id, searcher.search_ids(args.id, k=args.k)
+        metric = searcher.meta["metric"]
     out = out or sys.stdout
     kind = "image" if args.image else "id"
     for query, hits in zip(queries, results):
@@ -93,4 +70,3 @@ def cmd_query(args: argparse.Namespace, beam_args: list[str], out: TextIO | None
                 print(json.dumps({"query": query, "query_type": kind, **dataclasses.asdict(h)}), file=out)
         else:
             _print_table(query, hits, metric, out)
-    return 0

@@ -18,20 +18,19 @@ from typing import Any
 import numpy as np
 
 from pipeline import reasons
-from pipeline.config import DEFAULT_MAX_PIXELS, EmbedConfig, ModelConfig
+from pipeline.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ModelConfig
+from pipeline.errors import UsageError
 from pipeline.imaging import DecodeError, decode_image
 from pipeline.storage import NotRegularFileError, TooLargeError, read_bounded, safe_text
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES: int = EmbedConfig.max_bytes  # the same file-size limit as `embedpipe embed --max-bytes`
 
-
-class ModelMismatchError(ValueError):
+class ModelMismatchError(UsageError):
     """Query images cannot be embedded with the model the index was built from."""
 
 
-class QueryImageError(ValueError):
+class QueryImageError(UsageError):
     """A query image that cannot be embedded; `reason` is a code of pipeline.reasons."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -99,7 +98,11 @@ class QueryModel:
                 "index from the output of `embedpipe embed` (its manifest.json records the model)"
             )
         try:
-            cfg = ModelConfig(**recorded)
+            # Resolved here, once: the weights file is hashed to check it is still the one the index was
+            # built with (a digest stored beside the config would not say so), and the model is built
+            # from this config without reading the file again to name it.
+            fields = {k: v for k, v in recorded.items() if k != "weights_sha256"}
+            cfg = ModelConfig(**fields).resolve()
             rebuilt = cfg.fingerprint()
         except Exception as exc:  # bad field, missing weights file, ...
             return None, f"cannot rebuild the index's model from model_config {recorded}: {type(exc).__name__}: {exc}"

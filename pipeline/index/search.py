@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import DEFAULT_MAX_PIXELS, ModelConfig
+from pipeline.errors import EmbedpipeError
 from pipeline.index.loading import (
     IndexFormatError,
     drop_precomputed_table,
@@ -52,8 +53,10 @@ log = logging.getLogger(__name__)
 _THUMB_CACHE_GROUPS = 8  # row groups of thumbnails kept decoded (~4096 rows each)
 
 
-class UnknownIdError(KeyError):
-    """An id that is not in the index."""
+class UnknownIdError(EmbedpipeError, KeyError):
+    """An id that is not in the index (exit code 2)."""
+
+    exit_code = 2
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
         return str(self.args[0]) if self.args else "unknown id"

@@ -11,6 +11,7 @@ import time
 import faiss
 import numpy as np
 
+from pipeline.config import IndexConfig
 from pipeline.index import auto
 from pipeline.index.io import Dataset, iter_batches
 from pipeline.index.loading import drop_precomputed_table
@@ -179,12 +180,11 @@ def read_rows(ds: Dataset, labels: np.ndarray, batch_rows: int) -> np.ndarray:
     return out
 
 
-def prepare(ds: Dataset, *, index: str, metric: str, memory_budget: str | int, seed: int, batch_rows: int) -> Prepared:
-    """Choose the index, draw the seeded sample (pass 1) and train. Raises ValueError on bad options."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}; got {metric!r}")
+def prepare(ds: Dataset, config: IndexConfig, *, batch_rows: int) -> Prepared:
+    """Choose the index, draw the seeded sample (pass 1) and train. Raises ValueError on a bad factory string."""
+    metric, seed = config.metric, config.seed
     n, dim = ds.ntotal, ds.dim
-    index_type, factory = resolve_index(index, n, dim, auto.parse_memory_budget(memory_budget))
+    index_type, factory = resolve_index(config.index_type, n, dim, config.memory_budget_bytes)
     faiss_metric = faiss_metric_for(index_type, metric)
     built = new_index(factory, dim, faiss_metric)
     drop_precomputed_table(built)  # before training, which would build it

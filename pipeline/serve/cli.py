@@ -8,6 +8,10 @@ import logging
 import socket
 import sys
 
+from pipeline.errors import UnavailableError, UsageError
+from pipeline.options.embedding import add_size_limits
+from pipeline.options.indexing import add_index_dir_option
+from pipeline.options.runner import use_filesystem_options
 from pipeline.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_DECODE_MEMORY_MB,
@@ -23,8 +27,6 @@ from pipeline.serve.limits import (
 
 log = logging.getLogger(__name__)
 
-# Vectors or ids in one JSON query: 64 x 2048 floats is ~4 MB of JSON, 64 x k hits to answer.
-
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `serve` subcommand (func=cmd_serve) to the `embedpipe` parser."""
@@ -36,16 +38,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "/openapi.json, and a results page at /. There is no authentication: it binds to 127.0.0.1 unless "
         "--host says otherwise (see docs/SERVE.md).",
     )
-    p.add_argument("--index", required=True, metavar="DIR", help="index directory (local, gs://, s3://)")
+    add_index_dir_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image upload in MiB (default 20)")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_SERVE_MAX_PIXELS,
-        help=f"largest query image in pixels, width x height (default {DEFAULT_SERVE_MAX_PIXELS:,})",
-    )
+    add_size_limits(p, what="query image", then="are refused", max_pixels=DEFAULT_SERVE_MAX_PIXELS, files=False)
     p.add_argument(
         "--max-k", type=int, default=DEFAULT_MAX_K, help=f"most neighbours per query (default {DEFAULT_MAX_K})"
     )
@@ -139,7 +136,8 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
+def _check_args(args: argparse.Namespace) -> None:
+    """UsageError naming every limit that is not positive, or a --root-path that is not a path."""
     positive = {
         "--max-upload-mb": args.max_upload_mb,
         "--max-pixels": args.max_pixels,
@@ -153,42 +151,27 @@ def _check_args(args: argparse.Namespace) -> str | None:
     }
     bad = [f"{name} {value:g}" for name, value in positive.items() if not value > 0]
     if bad:
-        return f"{', '.join(bad)}: must be positive"
+        raise UsageError(f"{', '.join(bad)}: must be positive")
     if args.root_path and (not args.root_path.startswith("/") or any(c in args.root_path for c in "?# ")):
-        return f"--root-path {args.root_path!r}: must be a path that starts with /, e.g. /embedpipe"
-    return None
+        raise UsageError(f"--root-path {args.root_path!r}: must be a path that starts with /, e.g. /embedpipe")
 
 
-def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
-    """Run the server until interrupted; errors before it starts: one line on stderr, exit code 2."""
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
-
+def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Run the server until interrupted; what stops it from starting raises (UsageError and kin)."""
     from pipeline.index.search import ModelMismatchError, Searcher
 
     try:
         from pipeline.serve.app import create_app
         from pipeline.serve.connections import ConnectionGuard, build_server, plan_connections, raise_fd_limit
     except ImportError as exc:  # FastAPI / uvicorn are the [serve] extra
-        print(
-            f"embedpipe serve: error: the HTTP server needs the serve extra ({exc.name} is not installed): "
-            "pip install 'embedpipe[serve]'",
-            file=sys.stderr,
-        )
-        return 2
+        raise UnavailableError(
+            f"the HTTP server needs the serve extra ({exc.name} is not installed): pip install 'embedpipe[serve]'"
+        ) from exc
 
     from pipeline.serve.cors import parse_origins
 
-    problem = _check_args(args)
-    cors_origins = None
-    if problem is None and args.cors_origins is not None:
-        try:
-            cors_origins = parse_origins(args.cors_origins)
-        except ValueError as exc:
-            problem = str(exc)
-    if problem:
-        print(f"embedpipe serve: error: {problem}", file=sys.stderr)
-        return 2
+    _check_args(args)
+    cors_origins = parse_origins(args.cors_origins) if args.cors_origins is not None else None
     decode_memory = int(args.decode_memory_mb * 2**20)
     worst = worst_decode_bytes(args.max_pixels)
     if worst > decode_memory:
@@ -208,13 +191,8 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
             max_connections,
             fd_limit,
         )
-    if beam_args:
-        FileSystems.set_options(PipelineOptions(beam_args))  # credentials/settings of remote filesystems
-    try:
-        searcher = Searcher.open(args.index, max_pixels=args.max_pixels)
-    except ValueError as exc:
-        print(f"embedpipe serve: error: {exc}", file=sys.stderr)
-        return 2
+    use_filesystem_options(beam_args)  # credentials and settings of remote filesystems
+    searcher = Searcher.open(args.index, max_pixels=args.max_pixels)
     try:
         # Build the model now: the first upload should not wait for it.
         searcher.warm()
@@ -225,9 +203,8 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
     try:
         sock = _bind(args.host, args.port, backlog)
     except OSError as exc:
-        print(f"embedpipe serve: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         searcher.close()
-        return 2
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     guard = ConnectionGuard(max_connections, args.header_timeout)
     app = create_app(
         searcher,
@@ -262,4 +239,3 @@ def cmd_serve(args: argparse.Namespace, beam_args: list[str]) -> int:
     finally:
         sock.close()
         searcher.close()
-    return 0

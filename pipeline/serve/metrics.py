@@ -306,23 +306,15 @@ def server_gauges(searcher: Any, budget: Any, connection_stats: Callable[[], dic
         Gauge("process_resident_memory_bytes", "Resident memory of the server process.", _resident_bytes),
     ]
     if connection_stats is not None:
-        families += [
-            Gauge("embedpipe_connections_open", "Open client connections.", lambda: connection_stats()["open"]),
-            Gauge(
-                "embedpipe_connections_max", "Most open connections (--max-connections).",
-                lambda: connection_stats()["max_connections"],
-            ),
-            ReadCounter(
-                "embedpipe_connections_shed_total", "Idle connections closed to make room for new ones.",
-                lambda: connection_stats()["shed_idle"],
-            ),
-            ReadCounter(
-                "embedpipe_connections_refused_total", "Connections refused because every open one was busy.",
-                lambda: connection_stats()["refused_all_busy"],
-            ),
-            ReadCounter(
-                "embedpipe_connections_header_timeouts_total", "Connections closed for sending headers too slowly.",
-                lambda: connection_stats()["header_timeouts"],
-            ),
-        ]  # fmt: skip
+        for kind, name, text, key in (
+            (Gauge, "embedpipe_connections_open", "Open client connections.", "open"),
+            (Gauge, "embedpipe_connections_max", "Most open connections (--max-connections).", "max_connections"),
+            (ReadCounter, "embedpipe_connections_shed_total", "Idle connections closed to make room for new ones.",
+             "shed_idle"),
+            (ReadCounter, "embedpipe_connections_refused_total",
+             "Connections refused because every open one was busy.", "refused_all_busy"),
+            (ReadCounter, "embedpipe_connections_header_timeouts_total",
+             "Connections closed for sending headers too slowly.", "header_timeouts"),
+        ):  # fmt: skip
+            families.append(kind(name, text, lambda key=key: connection_stats()[key]))
     return families

@@ -1,11 +1,13 @@
-"""Command-line options that are not embedpipe's own: each must be one Beam knows, or it is an error.
+"""The runner group: local worker processes, and the options that are Beam's, not embedpipe's.
 
 `embedpipe` hands every option it does not define to Beam (`--runner`, `--project`,
 `--temp_location`, ...). Beam itself only logs "Discarding unparseable args" for one it does
 not know either, so a typo (`--batchsize 8`) would silently run a night's job with the default.
 Here the leftovers are parsed against every option of every `PipelineOptions` class Beam has
 loaded (its own, its runners', and any a user's plug-in registered), and anything left is a
-usage error naming the closest option of either kind.
+usage error naming the closest option of either kind. Commands that run no pipeline (query,
+serve, report, duplicates) still take Beam's filesystem options: credentials and endpoints of
+remote indexes, images and run roots.
 """
 
 from __future__ import annotations
@@ -13,9 +15,22 @@ from __future__ import annotations
 import argparse
 import difflib
 
+from pipeline.errors import UsageError
 
-class UsageError(ValueError):
-    """A command line that cannot be what the user meant (exit code 2)."""
+
+def add_workers_option(parser: argparse.ArgumentParser, *, what: str = "") -> None:
+    """--workers: local worker processes of the pipeline (local runners; `what` says when it applies)."""
+    parser.add_argument("--workers", type=int, default=1, help=f"local worker processes{what} (default 1)")
+
+
+def use_filesystem_options(beam_args: list[str]) -> None:
+    """Hand Beam options (e.g. --s3_endpoint_url, credentials) to Beam's filesystems for this process."""
+    if not beam_args:
+        return
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    FileSystems.set_options(PipelineOptions(beam_args))
 
 
 def beam_option_names() -> list[str]:
