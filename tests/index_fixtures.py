@@ -189,14 +189,7 @@ def write_embeddings(
 
 def model_config_dict(cfg: ModelConfig) -> dict:
     """index.json's model_config for a ModelConfig (the fields the embed manifest records)."""
-    return {
-        "image_size": cfg.image_size,
-        "pooling": cfg.pooling,
-        "weights": cfg.weights,
-        "seed": cfg.seed,
-        "resize": cfg.resize,
-        "precision": cfg.precision,
-    }
+    return cfg.to_record()
 
 
 def photo_files(folder: str | os.PathLike, *, max_side: int = 160, quality: int = 90) -> dict[str, str]:
