@@ -10,7 +10,7 @@ range of re-encodes and resizes measured on real photos). The IVF index is built
 (nlist = 2 sqrt(N), trained on 32 points per list): building it the `embedpipe index` way would take
 longer than what is measured here. Not timed.
 
-The index type is the one `--index auto` picks for N at the default 4GB budget (IVF-Flat at 100k,
+The index type is the one `--index-type auto` picks for N at the default 4GB budget (IVF-Flat at 100k,
 IVF-SQ8 at 1M). Then `find_duplicates` runs on the index directory in a fresh process, with --auto
 and with the threshold fixed at cos 0.99, and the table shows its wall time and peak RSS (VmHWM of
 that process: the index, memory-mapped, is part of it), the groups found, the recall of

@@ -56,7 +56,7 @@ def main() -> None:
         if p.exists():
             subprocess.run(["rm", "-rf", str(p)], check=True)
     make_corpus(corpus, count=args.count, megapixels=(args.megapixels, args.megapixels), seed=2, with_bad=False)
-    extra = ["--weights", args.weights, "--index", "flat"]
+    extra = ["--weights", args.weights, "--index-type", "flat"]
     print(f"machine: {os.cpu_count()} CPUs; corpus: {args.count} JPEGs of {args.megapixels} MP", flush=True)
 
     rows = [("full (first night)", *run(corpus, root, "n1", extra))]

@@ -92,7 +92,7 @@ def count_deleted(previous: str, run_dir: str) -> int:
     if len(before) == 0:
         return 0
     now = _ids(f"{run_dir}/embeddings", f"{run_dir}/errors")
-    present = pc.is_in(before, value_set=pc.unique(now).combine_chunks() if len(now) else pa.array([], pa.string()))
+    present = pc.is_in(before, value_set=pc.unique(now) if len(now) else pa.array([], pa.string()))
     return int(len(before) - pc.sum(present).as_py())
 
 

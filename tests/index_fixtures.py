@@ -1,6 +1,6 @@
 """Small index directories for the search side's tests, written with FAISS directly, and embeddings datasets.
 
-They follow the index directory contract of DESIGN.md (index.faiss, ids.parquet,
+They follow the index directory contract of docs/ARCHITECTURE.md (index.faiss, ids.parquet,
 index.json) so the Searcher tests do not depend on the index build code; the end
 to end test uses the real `build_index`. `write_embeddings` writes made-up vectors
 as `embedpipe embed` would, for the index build's tests.

@@ -1,6 +1,6 @@
 """Reduced precision and JPEG draft decoding stay close to fp32 full decoding, on real photos.
 
-Closeness as issue 6 defines it: for every image, the nearest fp32/full-decode embedding of the
+Closeness as the project defines it: for every image, the nearest fp32/full-decode embedding of the
 corpus is its own, and |fast - reference| / |reference - corpus mean| <= 0.05. (Plain cosine
 similarity says little here: with random weights all embeddings are within 0.97 of each other.)
 """

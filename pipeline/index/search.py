@@ -1,6 +1,6 @@
 """Searcher: nearest neighbours in an index directory, by vector, by stored id or by image.
 
-An index directory (written by `embedpipe index`, see DESIGN.md) holds
+An index directory (written by `embedpipe index`, see docs/ARCHITECTURE.md) holds
 `index.faiss`, `ids.parquet` (label -> id, uri, optional thumbnail) and
 `index.json`. Scores follow the index metric: cosine similarity (higher is
 closer) for `cosine`, Euclidean distance (lower is closer) for `l2`.

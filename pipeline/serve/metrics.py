@@ -248,11 +248,30 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 0
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            self.metrics.in_flight -= 1
+            self.metrics.record(
+                scope["method"] if scope["method"] in KNOWN_METHODS else "other",  # clients cannot add series
+                endpoint_of(scope, self.routes),
+                status or 500,
+                scope.get(ERROR_KEY),
+                time.perf_counter() - start,
+            )
 
         async def observed(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte leaves: a client that sends its next request the moment it has
+                # read this answer must find this one already counted (a scrape right after a request sees it).
+                record()
             await send(message)
 
         self.metrics.in_flight += 1
@@ -264,14 +283,7 @@ class MetricsMiddleware:
                 scope.setdefault(ERROR_KEY, "internal_error")
             raise
         finally:
-            self.metrics.in_flight -= 1
-            self.metrics.record(
-                scope["method"] if scope["method"] in KNOWN_METHODS else "other",  # clients cannot add series
-                endpoint_of(scope, self.routes),
-                status or 500,
-                scope.get(ERROR_KEY),
-                time.perf_counter() - start,
-            )
+            record()
 
 
 class ReadCounter(Gauge):
