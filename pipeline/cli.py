@@ -30,13 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.index.cli_build import add_index_parser
     from pipeline.index.duplicates_page import add_duplicates_parser
     from pipeline.index.query_cli import add_query_parser
+    from pipeline.models_cli import add_models_parser
     from pipeline.nightly_cli import add_nightly_parser
     from pipeline.report import add_report_parser
     from pipeline.serve.cli import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="embedpipe",
-        description="Batch image embeddings with a headless ResNet50 on Apache Beam, "
+        description="Batch image embeddings with a Keras image model (a headless ResNet50 unless --model says "
+        "otherwise) on Apache Beam, "
         "written as Parquet. Unknown --options are passed to Beam unchanged (--runner, --temp_location, ...).",
     )
     parser.add_argument("--version", action="version", version=f"embedpipe {__version__}")
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_duplicates_parser,
         add_report_parser,
         add_demo_parser,
+        add_models_parser,
     ):
         add(sub)
     for command in sub.choices.values():  # `embedpipe embed ... -v` works as well as `embedpipe -v embed ...`

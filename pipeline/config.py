@@ -9,11 +9,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from pipeline.applications import (
+    APPLICATIONS,
+    DEFAULT_MODEL,
+    PREPROCESS_CHOICES,
+    Application,
+    check_model_name,
+    is_saved_model,
+)
 from pipeline.errors import WeightsUnavailableError
 from pipeline.index.auto import parse_memory_budget
 from pipeline.inputs import InputSpec
+from pipeline.model_files import missing_weights_message
 
-EMBEDDING_DIM = 2048
 POOLINGS = ("avg", "max")
 RESIZE_MODES = ("squash", "center-crop")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -29,7 +37,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # image files (and records) above this ar
 
 # md5 that Keras itself checks for resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5;
 # it identifies the ImageNet weights without reading (or importing) anything.
-IMAGENET_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
+IMAGENET_NOTOP_MD5 = APPLICATIONS["resnet50"].weights_hash
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -42,15 +50,21 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 class ModelConfig:
     """Everything that determines the vector an image gets.
 
-    Two runs with equal `ModelConfig` (and equal weights bytes) produce identical
-    embeddings; `fingerprint()` names that identity. A weights file is named by its
-    sha256: `resolve()` hashes it once, in the driver, and the config carries the
-    digest to every worker, so nothing downstream reads the file to name it.
+    `model` is a Keras application (pipeline/applications.py: cut with include_top=False, its own
+    preprocessing inside the graph) or the path of a saved `.keras` model, cut at `layer`. Two runs
+    with equal `ModelConfig` (and equal weights bytes) produce identical embeddings; `fingerprint()`
+    names that identity. A weights file or saved model is named by its sha256: `resolve()` hashes
+    it once, in the driver, and the config carries the digest to every worker, so nothing
+    downstream reads the file to name it. For a saved model `resolve()` also reads the input size,
+    the vector width and the full path of the layer from the file (pipeline/saved_model.py).
     """
 
-    image_size: int = 224
+    # None: the model's own: an application's default size; a saved model's input size (224 where it is unsized).
+    image_size: int | None = None
     pooling: str = "avg"
-    weights: str = "imagenet"  # "imagenet", "random" or a path to a weights file
+    # "imagenet", "random" or a path to a weights file; None: "imagenet" for an application. A saved
+    # model holds its own weights and takes none.
+    weights: str | None = None
     seed: int = 0  # only used by weights="random"
     resize: str = "squash"
     precision: str = "fp32"
@@ -60,28 +74,103 @@ class ModelConfig:
     jit: bool | None = None
     # sha256 of a weights file given by path, set by resolve(); None for imagenet and random.
     weights_sha256: str | None = None
+    model: str = DEFAULT_MODEL  # an application name (APPLICATIONS) or the path of a .keras file
+    layer: str | None = None  # a saved model's layer to cut at (None: its output); resolve() writes its full path
+    preprocess: str = "none"  # a saved model's input: 0-255 RGB as is, or an application's preprocess_input first
+    model_sha256: str | None = None  # sha256 of a saved model's file, set by resolve()
+    dim: int | None = None  # the vector width: an application's from its table row, a saved model's from resolve()
 
     def __post_init__(self) -> None:
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32 (ResNet50 downsamples 32x); got {self.image_size}")
+        check_model_name(self.model)
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("resize", self.resize, RESIZE_MODES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("preprocess", self.preprocess, PREPROCESS_CHOICES)
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1; got {self.image_size}")
+        if is_saved_model(self.model):
+            self._check_saved()
+            return
+        app = APPLICATIONS[self.model]
+        if self.layer is not None:
+            raise ValueError(
+                f"--layer picks a layer of a saved model (--model PATH.keras); {self.model} is cut where Keras "
+                "cuts it (include_top=False) and pooled by --pooling"
+            )
+        if self.preprocess != "none":
+            raise ValueError(
+                f"--preprocess applies to a saved model (--model PATH.keras); {self.model} always applies its own"
+            )
+        # Filled in here, so that every config of an application names its size, weights and width.
+        object.__setattr__(self, "weights", "imagenet" if self.weights is None else self.weights)
+        object.__setattr__(self, "image_size", app.default_size if self.image_size is None else self.image_size)
+        if self.image_size < app.min_size:
+            raise ValueError(
+                f"image_size must be >= {app.min_size} ({self.model} downsamples {app.min_size}x); "
+                f"got {self.image_size}"
+            )
+        if self.dim not in (None, app.dim):
+            raise ValueError(f"{self.model} gives {app.dim}-d vectors; dim={self.dim} cannot be")
+        object.__setattr__(self, "dim", app.dim)
+
+    def _check_saved(self) -> None:
+        if self.weights is not None:
+            raise ValueError(
+                f"--weights does not apply to a saved model: {self.model} holds its own weights "
+                "(its sha256 names them in the fingerprint)"
+            )
+        if self.precision != "fp32":
+            raise ValueError(
+                f"--precision {self.precision} applies to the applications; a saved model runs in the dtypes it "
+                "was saved with (use --precision fp32)"
+            )
+
+    @property
+    def saved(self) -> bool:
+        """Whether the model is a saved .keras file (not a Keras application)."""
+        return is_saved_model(self.model)
+
+    @property
+    def application(self) -> Application | None:
+        """The application's table row; None for a saved model."""
+        return APPLICATIONS.get(self.model)
+
+    def is_resolved(self) -> bool:
+        """Whether the fingerprint can be named without reading any file."""
+        if self.saved:
+            return self.model_sha256 is not None and self.dim is not None and self.image_size is not None
+        return self.weights in ("imagenet", "random") or self.weights_sha256 is not None
 
     def resolve(self) -> ModelConfig:
-        """This config with the weights file's sha256 filled in (the file is read here); as is otherwise.
+        """This config with every file it names read once: hashes, and a saved model's size, width and layer.
+
+        An application's weights file is hashed. A saved model's file is hashed and, unless its
+        size and width are already known (a config recorded by an earlier run), loaded with Keras
+        to read them (pipeline/saved_model.py). As is when there is nothing to read.
 
         Raises:
-            WeightsUnavailableError: the weights file is missing, unreadable or not a regular file.
+            WeightsUnavailableError: a weights or model file is missing, unreadable or not a regular file.
+            ValueError: a saved model that cannot be cut as asked (unknown layer, wrong input, ...).
         """
-        if self.weights in ("imagenet", "random") or self.weights_sha256 is not None:
+        if self.is_resolved():
             return self
-        return dataclasses.replace(self, weights_sha256=weights_file_sha256(self.weights))
+        if not self.saved:
+            return dataclasses.replace(self, weights_sha256=weights_file_sha256(self.weights))
+        digest = self.model_sha256 or weights_file_sha256(self.model, what="model file")
+        resolved = dataclasses.replace(self, model_sha256=digest)
+        if self.dim is not None and self.image_size is not None:
+            return resolved
+        from pipeline.saved_model import inspect_saved_model
+
+        cut = inspect_saved_model(self.model, self.layer, self.image_size)
+        return dataclasses.replace(resolved, layer=cut.layer, image_size=cut.image_size, dim=cut.dim)
 
     def weights_id(self) -> str:
         """A stable name for the weights, computed without TensorFlow (and without reading a resolved file)."""
+        if self.saved:
+            return f"sha256:{(self.model_sha256 or self.resolve().model_sha256)[:16]}"
         if self.weights == "imagenet":
-            return f"imagenet-md5:{IMAGENET_NOTOP_MD5}"
+            return self.application.weights_id()
         if self.weights == "random":
             return f"random-seed:{self.seed}"
         # A config that was not resolved hashes the file on every call: resolve once and pass that on.
@@ -89,11 +178,39 @@ class ModelConfig:
         return f"sha256:{digest[:16]}"
 
     def fingerprint(self) -> str:
-        """Identity of the model: vectors with different fingerprints never mix."""
+        """Identity of the model: vectors with different fingerprints never mix.
+
+        An application's: `NAME-notop/POOLING/SxS/RESIZE/PREPROCESSING/PRECISION/WEIGHTS` (ResNet50's
+        has always read so). A saved model's: `keras/LAYER/POOLING/SxS/RESIZE/preprocess-P/PRECISION/
+        sha256:FILE`. A saved model's config that is not resolved is resolved here (slow: resolve once).
+        """
+        if self.saved:
+            if not self.is_resolved():
+                return self.resolve().fingerprint()
+            return (
+                f"keras/{self.layer}/{self.pooling}/{self.image_size}x{self.image_size}/{self.resize}"
+                f"/preprocess-{self.preprocess}/{self.precision}/{self.weights_id()}"
+            )
         return (
-            f"resnet50-notop/{self.pooling}/{self.image_size}x{self.image_size}/{self.resize}"
-            f"/caffe-bgr/{self.precision}/{self.weights_id()}"
+            f"{self.model}-notop/{self.pooling}/{self.image_size}x{self.image_size}/{self.resize}"
+            f"/{self.application.preprocessing}/{self.precision}/{self.weights_id()}"
         )
+
+    def to_record(self) -> dict:
+        """The fields a manifest and index.json record, from which `ModelConfig(**record).resolve()` rebuilds
+        this model (hashes are left out: whoever rebuilds it hashes the file again, to check it is the same)."""
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "preprocess": self.preprocess,
+            "image_size": self.image_size,
+            "pooling": self.pooling,
+            "weights": self.weights,
+            "seed": self.seed,
+            "resize": self.resize,
+            "precision": self.precision,
+            "dim": self.dim,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,18 +277,19 @@ class IndexConfig:
         return parse_memory_budget(self.memory_budget)
 
 
-def weights_file_sha256(path: str) -> str:
-    """sha256 of a weights file (any Beam filesystem); WeightsUnavailableError when it cannot be read."""
+def weights_file_sha256(path: str, *, what: str = "weights file") -> str:
+    """sha256 of a weights file or saved model (`what`; any Beam filesystem); WeightsUnavailableError when it
+    cannot be read."""
     from pipeline.storage import NotRegularFileError
 
     try:
         return file_sha256(path)
     except NotRegularFileError as exc:
-        raise WeightsUnavailableError(f"weights file {path!r}: {exc}") from exc
+        raise WeightsUnavailableError(f"{what} {path!r}: {exc}") from exc
     except Exception as exc:  # missing, unknown scheme, missing credentials, ...
         if isinstance(exc, FileNotFoundError) or not _exists(path):
-            raise WeightsUnavailableError(missing_weights_message(path)) from exc
-        raise WeightsUnavailableError(f"cannot read weights file {path!r}: {type(exc).__name__}: {exc}") from exc
+            raise WeightsUnavailableError(missing_weights_message(path, what=what)) from exc
+        raise WeightsUnavailableError(f"cannot read {what} {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _exists(path: str) -> bool:
@@ -181,15 +299,6 @@ def _exists(path: str) -> bool:
         return FileSystems.exists(path)
     except Exception:  # an unknown scheme: whatever it names, it cannot be read
         return False
-
-
-def missing_weights_message(path: str) -> str:
-    """What to say about a --weights PATH that does not exist."""
-    return (
-        f"weights file {path!r} does not exist. --weights takes 'imagenet', 'random' "
-        "or the path of a Keras weights file of the headless ResNet50 "
-        "(a .weights.h5 from model.save_weights, or Keras' *_notop.h5)."
-    )
 
 
 def file_sha256(path: str) -> str:

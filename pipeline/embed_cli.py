@@ -24,7 +24,8 @@ def add_embed_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "embed",
         help="embed every image under --input into Parquet",
-        description="Read images, decode and resize them, run the headless ResNet50 and write "
+        description="Read images, decode and resize them, run the model (--model: a headless ResNet50 by "
+        "default) and write "
         "OUTPUT/embeddings/*.parquet, OUTPUT/errors/*.parquet and OUTPUT/manifest.json. "
         "Any option not listed here is passed to Beam unchanged, e.g. --runner DataflowRunner.",
     )

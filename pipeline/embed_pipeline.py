@@ -76,8 +76,9 @@ def build_embed_pipeline(
     unless `verify_content`, which reads and hashes every file (markers are still
     recorded, for nights that trust them).
     """
+    cfg = cfg.resolve()  # the schema's vector width: a saved model's is read from its file
     p = beam.Pipeline(options=options)
-    schema = embeddings_schema(thumbnails=cfg.thumbnails, meta=cfg.input.carries_meta())
+    schema = embeddings_schema(cfg.model.dim, thumbnails=cfg.thumbnails, meta=cfg.input.carries_meta())
     previous = None
     if previous_files is not None:
         previous = p | "PreviousKeys" >> PreviousKeys(previous_files)

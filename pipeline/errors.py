@@ -27,6 +27,10 @@ class UsageError(EmbedpipeError, ValueError):
     exit_code = 2
 
 
+class ModelFileError(UsageError):
+    """A saved model (--model PATH.keras) that cannot be loaded or cut as asked: unknown layer, wrong input, ..."""
+
+
 class UnavailableError(EmbedpipeError, RuntimeError):
     """Something the command needs is not available on this machine: weights, an optional package (exit 2)."""
 

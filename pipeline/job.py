@@ -22,7 +22,7 @@ import time
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 
-from pipeline.config import EMBEDDING_DIM, EmbedConfig
+from pipeline.config import EmbedConfig
 from pipeline.embed_pipeline import build_embed_pipeline, embed_options, resolve_batch_size, utc_now
 from pipeline.errors import EmbedpipeError
 from pipeline.output_counts import beam_counter, count_rows, count_stamped, error_summary
@@ -45,15 +45,8 @@ def _manifest(cfg: EmbedConfig, out: str, counts: dict, **fields) -> dict:
         "input": cfg.input.to_dict(),
         "output": out,
         "model": cfg.model.fingerprint(),
-        "model_config": {
-            "image_size": cfg.model.image_size,
-            "pooling": cfg.model.pooling,
-            "weights": cfg.model.weights,
-            "seed": cfg.model.seed,
-            "resize": cfg.model.resize,
-            "precision": cfg.model.precision,
-        },
-        "embedding_dim": EMBEDDING_DIM,
+        "model_config": cfg.model.to_record(),
+        "embedding_dim": cfg.model.dim,
         "thumbnails": cfg.thumbnails,
         "counts": counts,
         **fields,

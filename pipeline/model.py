@@ -1,28 +1,30 @@
-"""The headless ResNet50: built once per worker process, called on fixed-shape uint8 batches.
+"""The embedding model: built once per worker process, called on fixed-shape uint8 batches.
 
-Preprocessing (uint8 RGB -> float, RGB->BGR, ImageNet mean subtraction, the
-"caffe" mode Keras' ResNet50 was trained with) runs inside the graph, so 4x fewer
-bytes cross to the accelerator and no caller can forget it.
+A Keras application (pipeline/applications.py; ResNet50 by default) without its classifier,
+globally pooled, or a saved .keras model cut at a layer (pipeline/saved_model.py). Preprocessing
+runs inside the graph: the application's own preprocess_input (for ResNet50, uint8 RGB -> float,
+RGB->BGR, ImageNet mean subtraction, the "caffe" mode it was trained with; EfficientNetV2 and
+ConvNeXt rescale inside the model), so 4x fewer bytes cross to the accelerator and no caller can
+forget it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import IMAGENET_NOTOP_MD5, ModelConfig, missing_weights_message
-from pipeline.errors import WeightsUnavailableError
+from pipeline.applications import APPLICATIONS, Application
+from pipeline.config import ModelConfig
+from pipeline.errors import ModelFileError, WeightsUnavailableError
+from pipeline.model_files import local_weights
 
 log = logging.getLogger(__name__)
 
-IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_NOTOP_FILE
+IMAGENET_NOTOP_FILE = APPLICATIONS["resnet50"].weights_file
+IMAGENET_NOTOP_URL = APPLICATIONS["resnet50"].weights_url
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
@@ -52,54 +54,17 @@ def configure_tensorflow(*, intra_op_threads: int = 0, require_gpu: bool = False
         )
 
 
-@contextlib.contextmanager
-def local_weights(weights: str) -> Iterator[str]:
-    """A local path of a weights file (any Beam filesystem) for the duration of the block.
-
-    A local file is used where it is. A remote one is copied to a temporary file, which is
-    deleted when the block ends: Keras has read the weights into the model by then, so a
-    worker process holds no copy afterwards and a worker killed later leaves none behind.
-    Raises WeightsUnavailableError for a missing, unreadable or non-regular file.
-    """
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipeline.storage import NotRegularFileError, check_regular, open_regular
-
-    if os.path.exists(weights):
-        try:
-            check_regular(weights)  # a FIFO or device would hang or never end the load
-        except NotRegularFileError as exc:
-            raise WeightsUnavailableError(f"weights file {weights!r}: {exc}") from exc
-        yield weights
-        return
-    try:
-        exists = FileSystems.exists(weights)
-    except Exception as exc:  # unknown scheme, missing credentials, ...
-        raise WeightsUnavailableError(f"cannot access weights file {weights!r}: {exc}") from exc
-    if not exists:
-        raise WeightsUnavailableError(missing_weights_message(weights))
-    suffix = ".weights.h5" if weights.endswith(".weights.h5") else os.path.splitext(weights)[1]
-    fd, local = tempfile.mkstemp(suffix=suffix, prefix="embedpipe-weights-")
-    try:
-        with os.fdopen(fd, "wb") as out, open_regular(weights) as src:
-            for chunk in iter(lambda: src.read(1 << 22), b""):
-                out.write(chunk)
-        yield local
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(local)
-
-
 def ensure_weights_available(cfg: ModelConfig) -> None:
     """Fail fast, before a job starts, when the weights cannot be had.
 
-    For "imagenet" this fetches the file into Keras' cache (~/.keras/models), which
-    local workers then read; a PATH must be a readable file (`ModelConfig.resolve`, which
-    reads it only when the config is not resolved yet). Raises WeightsUnavailableError.
+    For "imagenet" this fetches the application's file into Keras' cache (~/.keras/models), which
+    local workers then read; a weights PATH or a saved model must be a readable file
+    (`ModelConfig.resolve`, which reads it only when the config is not resolved yet). Raises
+    WeightsUnavailableError.
     """
     if cfg.weights == "random":
         return
-    if cfg.weights != "imagenet":
+    if cfg.saved or cfg.weights != "imagenet":
         cfg.resolve()
         return
     from pipeline.quiet import import_tensorflow
@@ -107,68 +72,113 @@ def ensure_weights_available(cfg: ModelConfig) -> None:
     import_tensorflow()
     import keras
 
+    app = cfg.application
     try:
-        keras.utils.get_file(
-            IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_subdir="models", file_hash=IMAGENET_NOTOP_MD5
-        )
+        keras.utils.get_file(app.weights_file, app.weights_url, cache_subdir="models", file_hash=app.weights_hash)
     except Exception as exc:
-        raise WeightsUnavailableError(_imagenet_message(exc)) from exc
+        raise WeightsUnavailableError(_imagenet_message(app, exc)) from exc
 
 
-def _imagenet_message(exc: Exception) -> str:
+def _imagenet_message(app: Application, exc: Exception) -> str:
     return (
-        "could not load the ImageNet weights for ResNet50 "
+        f"could not load the ImageNet weights for {app.keras_name} "
         f"({type(exc).__name__}: {exc}). Keras downloads them once into "
         "~/.keras/models/; this machine could not. Alternatives: "
-        "--weights PATH (a copy of resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 "
-        "or a .weights.h5 of the headless model), build the worker image with "
-        "BAKE_IMAGENET_WEIGHTS=1, or --weights random for tests only."
+        f"--weights PATH (a copy of {app.weights_file} "
+        "or a .weights.h5 of the headless model), "
+        + ("build the worker image with BAKE_IMAGENET_WEIGHTS=1, " if app.name == "resnet50" else "")
+        + "or --weights random for tests only."
     )
 
 
 def build_trunk(cfg: ModelConfig) -> Any:
-    """keras.applications.ResNet50 without its classifier, with the configured weights."""
+    """The application (keras.applications) without its classifier, globally pooled, with the configured weights."""
     import keras
 
+    app = cfg.application
+    if app is None:
+        raise ValueError(f"build_trunk builds an application; {cfg.model} is a saved model (build_model cuts it)")
+    constructor = getattr(keras.applications, app.keras_name)
     shape = (cfg.image_size, cfg.image_size, 3)
     kwargs = dict(include_top=False, pooling=cfg.pooling, input_shape=shape)
     if cfg.weights == "random":
         keras.utils.set_random_seed(cfg.seed)
-        return keras.applications.ResNet50(weights=None, **kwargs)
+        return constructor(weights=None, **kwargs)
     if cfg.weights == "imagenet":
         try:
-            return keras.applications.ResNet50(weights="imagenet", **kwargs)
+            return constructor(weights="imagenet", **kwargs)
         except Exception as exc:
-            raise WeightsUnavailableError(_imagenet_message(exc)) from exc
-    model = keras.applications.ResNet50(weights=None, **kwargs)
+            raise WeightsUnavailableError(_imagenet_message(app, exc)) from exc
+    model = constructor(weights=None, **kwargs)
     with local_weights(cfg.weights) as path:
         try:
             model.load_weights(path)
         except Exception as exc:
             raise WeightsUnavailableError(
-                f"weights file {cfg.weights!r} does not fit the headless ResNet50 ({type(exc).__name__}: {exc})"
+                f"weights file {cfg.weights!r} does not fit the headless {app.keras_name} ({type(exc).__name__}: {exc})"
             ) from exc
     return model
 
 
-def build_model(cfg: ModelConfig) -> Any:
-    """uint8 RGB (N, S, S, 3) -> float32 (N, 2048), preprocessing inside the graph."""
-    import keras
-    from keras.applications.resnet50 import preprocess_input
+def _preprocessing(name: str) -> Any:
+    """An application's own preprocess_input (float32 RGB 0-255 in); None for "none"."""
+    if name == "none":
+        return None
+    import importlib
 
+    return importlib.import_module(f"keras.applications.{APPLICATIONS[name].module}").preprocess_input
+
+
+def _saved_features(cfg: ModelConfig) -> Any:
+    """float32 pixels -> the vector of a saved model's layer, pooled by --pooling where it is a feature map."""
+    import keras
+
+    from pipeline.saved_model import cut_saved_model, load_saved_model
+
+    fn, cut = cut_saved_model(load_saved_model(cfg.model), cfg.model, cfg.layer, cfg.image_size)
+    if cut.rank == 2:
+        return fn
+    pool = (keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D)(
+        name=f"embedpipe_{cfg.pooling}_pool"
+    )
+    return lambda x: pool(fn(x))
+
+
+def build_model(cfg: ModelConfig) -> Any:
+    """uint8 RGB (N, S, S, 3) -> float32 (N, D), preprocessing inside the graph.
+
+    Raises:
+        ModelFileError: the model gives vectors of another width than its config names (a saved
+            model changed under the same path after the config was resolved, or a wrong table row).
+    """
+    import keras
+
+    cfg = cfg.resolve()  # a saved model's size, layer and width come from its file
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_POLICIES[cfg.precision])
     try:
-        trunk = build_trunk(cfg)
         pixels = keras.Input(shape=(cfg.image_size, cfg.image_size, 3), dtype="uint8", name="pixels")
-        x = keras.layers.Lambda(lambda t: preprocess_input(keras.ops.cast(t, "float32")), name="caffe_preprocess")(
-            pixels
-        )
-        features = trunk(x)
+        if cfg.saved:
+            preprocess, name = _preprocessing(cfg.preprocess), "saved_model_uint8"
+        else:
+            preprocess, name = _preprocessing(cfg.model), f"{cfg.model.replace('-', '_')}_notop_uint8"
+        # ResNet50's layer keeps the name it always had.
+        label = "caffe_preprocess" if cfg.model == "resnet50" else "preprocess"
+        if preprocess is None:
+            x = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32"), name=label)(pixels)
+        else:
+            x = keras.layers.Lambda(lambda t: preprocess(keras.ops.cast(t, "float32")), name=label)(pixels)
+        features = _saved_features(cfg)(x) if cfg.saved else build_trunk(cfg)(x)
         features = keras.layers.Activation("linear", dtype="float32", name="to_float32")(features)
-        return keras.Model(pixels, features, name="resnet50_notop_uint8")
+        model = keras.Model(pixels, features, name=name)
     finally:
         keras.config.set_dtype_policy(previous)
+    if tuple(model.output.shape[1:]) != (cfg.dim,):
+        raise ModelFileError(
+            f"{cfg.model} gives vectors of shape {tuple(model.output.shape[1:])}, but its config names {cfg.dim}-d "
+            "ones; if the file changed since the run started, start it again"
+        )
+    return model
 
 
 # XLA on CPU measured (fp32, this repo's benchmarks): +8% img/s at 224x224 batch 32,
@@ -202,6 +212,7 @@ class CompiledModel:
     def __init__(self, cfg: ModelConfig, batch_size: int) -> None:
         import tensorflow as tf
 
+        cfg = cfg.resolve()  # a saved model's input size is read from its file
         self.cfg = cfg
         self.batch_size = batch_size
         self.keras_model = build_model(cfg)
@@ -212,7 +223,7 @@ class CompiledModel:
         self.traces = 0
 
     def __call__(self, pixels: Any) -> np.ndarray:
-        """Embed up to `batch_size` images (uint8, N x S x S x 3) -> float32 (N, 2048).
+        """Embed up to `batch_size` images (uint8, N x S x S x 3) -> float32 (N, D).
 
         `pixels` is numpy, or a TensorFlow tensor already on the device (the GPU decoder's
         output): that one is padded and fed where it is, with no copy through the host.

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import lock as locks
-from pipeline.config import EMBEDDING_DIM, EmbedConfig, IndexConfig
+from pipeline.config import EmbedConfig, IndexConfig
 from pipeline.errors import NotPublishedError, UsageError
 from pipeline.job import run_embed
 from pipeline.ownership import claim, is_embed_output, remove_tree
@@ -103,13 +103,13 @@ def validate(run_dir: str, manifest: dict, index_info: dict, *, fingerprint: str
         raise ValidationError(f"counts do not add up: {c}")
     if not 0 <= c.get("reused_by_marker", 0) <= c["reused"]:
         raise ValidationError(f"reused_by_marker is not part of reused: {c}")
-    rows = 0
+    rows, dim = 0, manifest["embedding_dim"]  # the model's width (pipeline/applications.py, or a saved model's)
     for path in parquet_files(f"{run_dir}/embeddings"):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             parquet = pq.ParquetFile(handle)
             kind = parquet.schema_arrow.field("embedding").type
-            if getattr(kind, "list_size", None) != EMBEDDING_DIM:
-                raise ValidationError(f"{path}: embedding type {kind}, expected {EMBEDDING_DIM} float32")
+            if getattr(kind, "list_size", None) != dim:
+                raise ValidationError(f"{path}: embedding type {kind}, expected {dim} float32")
             models = set(pc.unique(parquet.read(columns=["model"]).column("model")).to_pylist())
             if models - {fingerprint}:
                 raise ValidationError(f"{path}: rows of another model {sorted(models - {fingerprint})}")

@@ -8,8 +8,6 @@ import datetime
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import EMBEDDING_DIM
-
 
 @dataclasses.dataclass
 class SourceImage:
@@ -39,8 +37,8 @@ class DecodedImage:
     marker: str | None = None  # SourceImage.marker, carried to the embedding row
 
 
-def embeddings_schema(dim: int = EMBEDDING_DIM, *, thumbnails: bool = False, meta: bool = False) -> pa.Schema:
-    """Schema of embeddings/*.parquet (optional columns only when asked for)."""
+def embeddings_schema(dim: int, *, thumbnails: bool = False, meta: bool = False) -> pa.Schema:
+    """Schema of embeddings/*.parquet: vectors of `dim` (the model's width), optional columns only when asked for."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),

@@ -189,14 +189,7 @@ def write_embeddings(
 
 def model_config_dict(cfg: ModelConfig) -> dict:
     """index.json's model_config for a ModelConfig (the fields the embed manifest records)."""
-    return {
-        "image_size": cfg.image_size,
-        "pooling": cfg.pooling,
-        "weights": cfg.weights,
-        "seed": cfg.seed,
-        "resize": cfg.resize,
-        "precision": cfg.precision,
-    }
+    return cfg.to_record()
 
 
 def photo_files(folder: str | os.PathLike, *, max_side: int = 160, quality: int = 90) -> dict[str, str]:
@@ -311,7 +304,11 @@ def serve_in_thread(app) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one, no race with other tests
     sock.listen(64)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    # log_config=None: uvicorn's own dictConfig would close every logging handler of the test process,
+    # absl's among them, which closes the stream it was given (pytest's capture, when absl was first
+    # imported under it) and breaks that test's output capture.
+    config = uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

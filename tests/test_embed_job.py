@@ -96,7 +96,7 @@ def test_exactness_max_pooling_other_size(tmp_path):
 def test_schema_and_dtypes_exactly_as_documented(run1):
     out, m, _, _ = run1
     for path in (out / "embeddings").glob("*.parquet"):
-        assert pq.read_schema(path).remove_metadata() == embeddings_schema()
+        assert pq.read_schema(path).remove_metadata() == embeddings_schema(2048)
     for path in (out / "errors").glob("*.parquet"):
         assert pq.read_schema(path).remove_metadata() == ERRORS_SCHEMA
     table = read_dir(out / "embeddings")

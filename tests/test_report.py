@@ -183,7 +183,7 @@ def _copy_run(root: pathlib.Path, src: str, dst: str, moved: dict[str, float]) -
     (root / "runs" / dst / "report.html").unlink()
     for path in sorted((root / "runs" / dst / "embeddings").glob("*.parquet")):
         table = pq.read_table(path)
-        assert table.schema.equals(embeddings_schema(thumbnails=True), check_metadata=False)
+        assert table.schema.equals(embeddings_schema(2048, thumbnails=True), check_metadata=False)
         ids = table.column("id").to_pylist()
         vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1).copy()
         for name, factor in moved.items():

@@ -101,7 +101,7 @@ class QueryModel:
             # Resolved here, once: the weights file is hashed to check it is still the one the index was
             # built with (a digest stored beside the config would not say so), and the model is built
             # from this config without reading the file again to name it.
-            fields = {k: v for k, v in recorded.items() if k != "weights_sha256"}
+            fields = {k: v for k, v in recorded.items() if k not in ("weights_sha256", "model_sha256")}
             cfg = ModelConfig(**fields).resolve()
             rebuilt = cfg.fingerprint()
         except Exception as exc:  # bad field, missing weights file, ...

@@ -8,7 +8,9 @@ turn the parsed arguments into the configs the job takes.
 from __future__ import annotations
 
 import argparse
+import os
 
+from pipeline.applications import APPLICATIONS, DEFAULT_MODEL, PREPROCESS_CHOICES, is_saved_model
 from pipeline.config import (
     DECODE_STAGES,
     DECODERS,
@@ -30,15 +32,47 @@ _JIT = {"auto": None, "on": True, "off": False}
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The model group: everything that goes into the model fingerprint, and --jit."""
     g = parser.add_argument_group("model (all of these go into the model fingerprint)")
-    g.add_argument("--image-size", type=int, default=224, help="square input size in pixels, >= 32 (default 224)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME|PATH.keras",
+        help=f"a Keras application without its classifier ({', '.join(APPLICATIONS)}; `embedpipe models` lists "
+        f"their vector widths and input sizes) or a saved Keras model, e.g. a fine-tuned one (PATH.keras, any "
+        f"Beam filesystem; see --layer) (default {DEFAULT_MODEL})",
+    )
+    g.add_argument(
+        "--layer",
+        default=None,
+        metavar="NAME",
+        help="with --model PATH.keras: the layer whose output is the vector (a feature map is pooled by "
+        "--pooling, a vector used as is); a layer of a nested model by its name or as OUTER/NAME "
+        "(default: the model's output; `embedpipe models --model PATH.keras` lists the layers)",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_CHOICES,
+        default="none",
+        metavar="none|APPLICATION",
+        help="with --model PATH.keras: none (default: RGB 0-255 as float32, for models that preprocess inside) "
+        "or the application whose preprocess_input to apply first, e.g. resnet50 for a fine-tuned ResNet50 "
+        "trained on preprocess_input'd images",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square input size in pixels (default: the model's own: 224 for resnet50, `embedpipe models` lists "
+        "the others; a saved model's input size, or 224 where its input is unsized)",
+    )
     g.add_argument(
         "--pooling", choices=POOLINGS, default="avg", help="global pooling of the last feature map (default avg)"
     )
     g.add_argument(
         "--weights",
-        default="imagenet",
-        help="'imagenet' (Keras downloads and caches them), 'random' (seeded; tests only) or PATH "
-        "of a weights file of the headless ResNet50 (.weights.h5 or Keras' *_notop.h5; any Beam filesystem)",
+        default=None,
+        help="'imagenet' (default: Keras downloads and caches them), 'random' (seeded; tests only) or PATH "
+        "of a weights file of the headless --model (.weights.h5 or Keras' *_notop.h5; any Beam filesystem); "
+        "not for a saved model, which holds its own",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for --weights random (default 0)")
     g.add_argument(
@@ -60,7 +94,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The ModelConfig of parsed model options (not resolved: `ModelConfig.resolve` reads a weights file)."""
+    model = args.model
+    if is_saved_model(model) and os.path.exists(model):
+        # Recorded in the manifest and index.json, from which `query` and `serve` rebuild the model,
+        # wherever they run from.
+        model = os.path.abspath(model)
     return ModelConfig(
+        model=model,
+        layer=args.layer,
+        preprocess=args.preprocess,
         image_size=args.image_size,
         pooling=args.pooling,
         weights=args.weights,
