@@ -296,19 +296,12 @@ class FakeRemoteFileSystem(LocalFileSystem):
 
 
 @contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """Run an ASGI app under a real uvicorn server on a free loopback port; yields its base URL."""
-    import uvicorn
-
+def _running(server) -> Iterator[str]:
+    """Run a uvicorn server in a thread on a free loopback port; yields its base URL, stops it after."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one, no race with other tests
     sock.listen(64)
     port = sock.getsockname()[1]
-    # log_config=None: uvicorn's own dictConfig would close every logging handler of the test process,
-    # absl's among them, which closes the stream it was given (pytest's capture, when absl was first
-    # imported under it) and breaks that test's output capture.
-    config = uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -322,6 +315,19 @@ def serve_in_thread(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run an ASGI app under a real uvicorn server on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    # log_config=None: uvicorn's own dictConfig would close every logging handler of the test process,
+    # absl's among them, which closes the stream it was given (pytest's capture, when absl was first
+    # imported under it) and breaks that test's output capture.
+    config = uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=2)
+    with _running(uvicorn.Server(config)) as url:
+        yield url
 
 
 def model_index_dir(
@@ -344,21 +350,5 @@ def serve_guarded_in_thread(app, guard) -> Iterator[str]:
     """Like serve_in_thread, under the server `embedpipe serve` runs: `guard` (a ConnectionGuard) limits it."""
     from pipeline.serve.connections import build_server
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    server = build_server(app, guard, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with _running(build_server(app, guard, log_level="warning")) as url:
+        yield url
