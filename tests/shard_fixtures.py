@@ -208,6 +208,32 @@ def _write_zeros(out, size: int, fill: bytes = _ZEROS) -> None:
         left -= n
 
 
+def _write_jpeg_members(out, members) -> None:
+    """Write (key, bytes) pairs as KEY.jpg tar members, then the end-of-archive blocks."""
+    for key, data in members:
+        info = tarfile.TarInfo(f"{key}.jpg")
+        info.size = len(data)
+        out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+    out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+
+
+def proto_varint(n: int) -> bytes:
+    """A protobuf varint."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def proto_field(number: int, wire: int, payload: bytes) -> bytes:
+    """One protobuf field; a length-delimited one (wire type 2) gets its length prefix."""
+    if wire == 2:
+        return proto_varint(number << 3 | 2) + proto_varint(len(payload)) + payload
+    return proto_varint(number << 3 | wire) + payload
+
+
 def write_tar_bomb(
     path: pathlib.Path, size: int, *, name: str = "0000.jpg", after: list[tuple[str, bytes]] = (), level: int = 1
 ):
@@ -220,11 +246,7 @@ def write_tar_bomb(
         info.size = size
         out.write(info.tobuf(tarfile.GNU_FORMAT))
         _write_zeros(out, size + (-size % tarfile.BLOCKSIZE))
-        for key, data in after:
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(data)
-            out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-        out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+        _write_jpeg_members(out, after)
     return path
 
 
@@ -239,11 +261,7 @@ def write_pax_bomb(path: pathlib.Path, size: int, *, after: list[tuple[str, byte
         info.size = size
         out.write(info.tobuf(tarfile.USTAR_FORMAT))
         _write_zeros(out, size + (-size % tarfile.BLOCKSIZE))
-        for key, data in after:
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(data)
-            out.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-        out.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+        _write_jpeg_members(out, after)
     return path
 
 

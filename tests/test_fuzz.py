@@ -34,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from odd_images import encode, photo
+from shard_fixtures import proto_field
 
 from pipeline import reasons
 from pipeline.formats.example_proto import ExampleParseError, parse_example
@@ -70,22 +71,11 @@ def _jpeg(seed: int = 0) -> bytes:
 def _example(key: str, image: bytes) -> bytes:
     """A tf.train.Example with image/id and image/encoded, encoded by hand (field numbers of example.proto)."""
 
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte, n = n & 0x7F, n >> 7
-            out.append(byte | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def field(number: int, payload: bytes) -> bytes:
-        return varint(number << 3 | 2) + varint(len(payload)) + payload
-
     def entry(name: str, value: bytes) -> bytes:
-        feature = field(1, field(1, value))  # Feature.bytes_list.value
-        return field(1, field(1, name.encode()) + field(2, feature))  # Features.feature map entry
+        feature = proto_field(1, 2, proto_field(1, 2, value))  # Feature.bytes_list.value
+        return proto_field(1, 2, proto_field(1, 2, name.encode()) + proto_field(2, 2, feature))  # a map entry
 
-    return field(1, entry("image/id", key.encode()) + entry("image/encoded", image))
+    return proto_field(1, 2, entry("image/id", key.encode()) + entry("image/encoded", image))
 
 
 def _tar(compress: bool = False) -> bytes:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from odd_images import encode, photo
+from shard_fixtures import proto_field, proto_varint
 
 from pipeline import reasons, storage
 from pipeline.formats.parquet import read_parquet
@@ -28,30 +29,15 @@ from pipeline.runs import Night, previous_of
 JPEG = encode(photo((20, 16)), "JPEG", quality=80)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    if wire == 2:
-        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-    return _varint(number << 3 | wire) + payload
-
-
 def _example(name: str, feature: bytes, key: str = "k") -> bytes:
     """An Example with image/id = key and one more feature `name` holding the raw Feature message."""
 
     def entry(n: str, value: bytes) -> bytes:
-        return _field(1, 2, _field(1, 2, n.encode()) + _field(2, 2, value))
+        return proto_field(1, 2, proto_field(1, 2, n.encode()) + proto_field(2, 2, value))
 
-    key_feature = _field(1, 2, _field(1, 2, key.encode()))  # Feature.bytes_list.value = key
-    image = _field(1, 2, _field(1, 2, JPEG))
-    return _field(1, 2, entry("image/id", key_feature) + entry("image/encoded", image) + entry(name, feature))
+    key_feature = proto_field(1, 2, proto_field(1, 2, key.encode()))  # Feature.bytes_list.value = key
+    image = proto_field(1, 2, proto_field(1, 2, JPEG))
+    return proto_field(1, 2, entry("image/id", key_feature) + entry("image/encoded", image) + entry(name, feature))
 
 
 def _rows(items):
@@ -60,8 +46,8 @@ def _rows(items):
 
 def test_a_tfrecord_field_of_the_wrong_wire_type_is_one_corrupt_record_not_gigabytes(tmp_path):
     # A BytesList item sent as a varint of 2^32: trusted, bytes(n) would allocate 4 GB of zeros.
-    huge = _field(1, 2, _field(1, 0, _varint(1 << 32)))
-    odd_floats = _field(2, 2, _field(1, 2, b"\0" * 5))  # a packed FloatList of 5 bytes
+    huge = proto_field(1, 2, proto_field(1, 0, proto_varint(1 << 32)))
+    odd_floats = proto_field(2, 2, proto_field(1, 2, b"\0" * 5))  # a packed FloatList of 5 bytes
     records = [_example("a", b"", "good-1"), _example("image/id", huge), _example("x", odd_floats, "bad-2")]
     records.append(_example("b", b"", "good-2"))
     # The id feature itself is damaged in record 1; record 2 has an odd float list in a feature read as the id.
